@@ -1,0 +1,341 @@
+"""Hugging Face checkpoints <-> mtrain models, both directions.
+
+Reading: ``config.json`` + single-file or sharded safetensors, streamed tensor by tensor into a model built on the
+meta device (no second full copy in memory). Per-expert keys ``...mlp.experts.E.{gate,up,down}_proj.weight`` (and the
+fused v5 in-memory names) are copied into the fused expert tensors; GLM's MTP layers are skipped.
+
+Writing: per-expert keys, shards above ``max_shard_size``, ``config.json`` that ``transformers`` loads, and
+``mtrain_precision.json`` recording the gate dtype the run used. Loading a checkpoint whose gate dtype or recorded
+policy does not match the requested ``moe_gate_fp32`` says so (or refuses, with ``gate_mismatch="error"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import CONFIGS, MoEConfig
+from .glm4_moe import Glm4MoeForCausalLM
+from .qwen3_moe import Qwen3MoeForCausalLM
+from .transformer import MoECausalLM
+
+log = logging.getLogger(__name__)
+
+MODELS: dict[str, type[MoECausalLM]] = {m.config_class.model_type: m for m in (Qwen3MoeForCausalLM, Glm4MoeForCausalLM)}
+PRECISION_FILE = "mtrain_precision.json"
+INDEX_FILE = "model.safetensors.index.json"
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that mtrain cannot load or write; the message names the file and the fix."""
+
+
+def dtype_of(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    name = str(name).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def build_model(
+    cfg: MoEConfig,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    moe_gate_fp32: bool = False,
+    rope_fp32: bool = False,
+    seed: int | None = 0,
+    init: bool = True,
+) -> MoECausalLM:
+    """A model of ``cfg``'s architecture, allocated directly on ``device`` in ``dtype`` (the gate per policy)."""
+    cls = MODELS[cfg.model_type]
+    with torch.device("meta"):
+        model = cls(cfg, moe_gate_fp32=moe_gate_fp32, rope_fp32=rope_fp32)
+    model = model.to(dtype=dtype_of(dtype)).to_empty(device=device)
+    if init:
+        model.init_weights(seed)
+    return model
+
+
+def read_config(path: str | os.PathLike, expected_model_type: str | None = None) -> MoEConfig:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist; pass a folder with config.json and *.safetensors")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing; an HF checkpoint folder needs config.json next to its safetensors")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); re-export the checkpoint") from None
+    model_type = hf.get("model_type")
+    if model_type not in CONFIGS:
+        raise CheckpointError(f"{cfg_file}: model_type={model_type!r} is not supported; mtrain loads {sorted(CONFIGS)}")
+    if expected_model_type is not None and model_type != expected_model_type:
+        raise CheckpointError(
+            f"{cfg_file}: model_type={model_type!r} does not match the chosen model={expected_model_type}; "
+            f"use model={model_type} for this checkpoint"
+        )
+    try:
+        return CONFIGS[model_type].from_hf(hf)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def _checkpoint_dtype(folder: Path) -> torch.dtype | None:
+    hf = json.loads((folder / "config.json").read_text())
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    return _DTYPES.get(str(name)) if name else None
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is malformed ({e!r}); it needs a 'weight_map' of key -> shard file") from None
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f} is listed in {index.name} but missing; copy the complete checkpoint")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"no model.safetensors or {INDEX_FILE} in {folder}; mtrain reads safetensors only")
+
+
+def read_precision_record(path: str | os.PathLike) -> dict | None:
+    f = Path(path) / PRECISION_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    moe_gate_fp32: bool = False,
+    rope_fp32: bool = False,
+    expected_model_type: str | None = None,
+    gate_mismatch: str = "warn",
+) -> MoECausalLM:
+    """Load an HF checkpoint folder (``glm4_moe`` or ``qwen3_moe``). ``dtype=None`` keeps the checkpoint's dtype.
+
+    ``gate_mismatch``: what to do when the stored gate dtype or the recorded export policy differs from
+    ``moe_gate_fp32`` -- ``"warn"`` (default) or ``"error"``.
+    """
+    folder = Path(path)
+    cfg = read_config(folder, expected_model_type)
+    files = _shard_files(folder)
+    dtype = dtype_of(dtype) or _checkpoint_dtype(folder) or torch.float32
+    model = build_model(cfg, dtype=dtype, device=device, moe_gate_fp32=moe_gate_fp32, rope_fp32=rope_fp32, init=False)
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    filled: set[tuple[str, int | None, str | None]] = set()
+    gate_dtypes: set[torch.dtype] = set()
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    target = _target(key, cfg, params, file)
+                    if target is None:
+                        continue
+                    name, expert, part = target
+                    tensor = f.get_tensor(key)
+                    if name.endswith("mlp.gate.weight"):
+                        gate_dtypes.add(tensor.dtype)
+                    _copy_into(params[name], expert, part, tensor, key, file)
+                    filled.add(target)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file} is corrupt or truncated ({e}); re-download or re-export it") from None
+    _check_complete(model, cfg, filled, folder)
+    _check_gate(folder, gate_dtypes, moe_gate_fp32, gate_mismatch)
+    return model
+
+
+def _target(key: str, cfg: MoEConfig, params: dict, file: Path) -> tuple[str, int | None, str | None] | None:
+    """Map a checkpoint key to (parameter name, expert index or None, 'gate'/'up'/'down' or None); None = skip."""
+    layer = _LAYER_KEY.match(key)
+    if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
+        return None  # GLM MTP (next-token-prediction) layers live after the decoder layers
+    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+        return None
+    m = _EXPERT_KEY.match(key)
+    if m and m.group(1) + ".gate_up_proj" in params:
+        prefix, expert, part = m.groups()
+        fused = prefix + (".down_proj" if part == "down" else ".gate_up_proj")
+        return fused, int(expert), part
+    if key in params:
+        return key, None, None
+    raise CheckpointError(
+        f"{file.name}: unexpected key {key!r} for a {cfg.model_type} with {cfg.num_hidden_layers} layers; "
+        f"the checkpoint does not match its config.json"
+    )
+
+
+def _copy_into(param: torch.Tensor, expert: int | None, part: str | None, tensor: torch.Tensor, key: str, file: Path):
+    dest = param.data
+    if expert is not None:
+        dest = dest[expert]
+        if part != "down":
+            half = dest.shape[0] // 2
+            dest = dest[:half] if part == "gate" else dest[half:]
+    if tuple(tensor.shape) != tuple(dest.shape):
+        raise CheckpointError(
+            f"{file.name}: {key} has shape {tuple(tensor.shape)} but config.json implies {tuple(dest.shape)}; "
+            f"the weights and config.json disagree"
+        )
+    dest.copy_(tensor)
+
+
+def _check_complete(model: MoECausalLM, cfg: MoEConfig, filled: set, folder: Path) -> None:
+    missing = []
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            parts = ("down",) if name.endswith("down_proj") else ("gate", "up")
+            whole = (name, None, None) in filled
+            for e in range(p.shape[0]):
+                missing += [
+                    f"{name.rsplit('.', 1)[0]}.{e}.{part}_proj.weight"
+                    for part in parts
+                    if not whole and (name, e, part) not in filled
+                ]
+        elif (name, None, None) not in filled:
+            missing.append(name)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"{folder}: missing keys {missing[:3]}{more}; the checkpoint is incomplete")
+
+
+def _check_gate(folder: Path, gate_dtypes: set, moe_gate_fp32: bool, gate_mismatch: str) -> None:
+    want = "float32" if moe_gate_fp32 else "the model dtype"
+    problems = []
+    stored = {str(d).removeprefix("torch.") for d in gate_dtypes}
+    if moe_gate_fp32 and stored - {"float32"}:
+        problems.append(f"its gate weights are stored as {'/'.join(sorted(stored))} but moe_gate_fp32=true wants float32")
+    record = read_precision_record(folder)
+    if record is not None and bool(record.get("moe_gate_fp32")) != moe_gate_fp32:
+        problems.append(
+            f"it was exported with moe_gate_fp32={str(record.get('moe_gate_fp32')).lower()} "
+            f"but is loaded with moe_gate_fp32={str(moe_gate_fp32).lower()} (gate in {want})"
+        )
+    if not problems:
+        return
+    msg = (
+        f"gate precision mismatch for checkpoint {folder}: {'; '.join(problems)}. Trainer and rollout will route "
+        f"differently; load with the policy it was exported with (rl=on / moe_gate_fp32) or re-export it."
+    )
+    if gate_mismatch == "error":
+        raise CheckpointError(msg)
+    log.warning(msg)
+
+
+# -- writing ---------------------------------------------------------------------------------------------------------
+def _hf_tensors(model: MoECausalLM):
+    """Yield (HF key, tensor) with per-expert keys, in model order."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("experts.gate_up_proj"):
+            prefix, half = name[: -len(".gate_up_proj")], t.shape[1] // 2
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.gate_proj.weight", t[e, :half]
+                yield f"{prefix}.{e}.up_proj.weight", t[e, half:]
+        elif name.endswith("experts.down_proj"):
+            prefix = name[: -len(".down_proj")]
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.down_proj.weight", t[e]
+        else:
+            yield name, t
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: use bytes or e.g. '5GB', '500MB'")
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
+
+
+def save_pretrained(
+    model: MoECausalLM,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    tokenizer_file: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an HF checkpoint folder. The gate is written in the dtype the model holds it in (fp32 under
+    ``moe_gate_fp32``); ``mtrain_precision.json`` records the policy. Refuses to replace an existing checkpoint
+    unless ``overwrite``; writes into a temporary folder first so a failure leaves nothing half-written."""
+    dest = Path(path)
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise CheckpointError(f"{dest} already exists and is not empty; choose another folder or pass overwrite=True")
+    limit = _parse_size(max_shard_size)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        shard_keys: list[list[str]] = []  # shards are written as soon as they fill up: one shard in memory
+        current: dict[str, torch.Tensor] = {}
+        size = total_size = 0
+
+        def flush():
+            save_file(current, tmp / f"shard-{len(shard_keys)}.tmp", metadata={"format": "pt"})
+            shard_keys.append(list(current))
+            current.clear()
+
+        for key, t in _hf_tensors(model):
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > limit:
+                flush()
+                size = 0
+            current[key] = t.detach().to("cpu", copy=True).contiguous()
+            size += nbytes
+            total_size += nbytes
+        flush()
+        weight_map = {}
+        for i, keys in enumerate(shard_keys):
+            name = _shard_name(i, len(shard_keys))
+            (tmp / f"shard-{i}.tmp").rename(tmp / name)
+            weight_map |= {k: name for k in keys}
+        if len(shard_keys) > 1:
+            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        dtype = next(p for n, p in model.named_parameters() if "embed_tokens" in n).dtype
+        hf = model.config.to_hf() | {"dtype": str(dtype).removeprefix("torch."), "transformers_version": "5.0.0"}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        gate = model.gate_dtype()
+        record = {
+            "moe_gate_fp32": model.moe_gate_fp32,
+            "rope_fp32": model.rope_fp32,
+            "gate_dtype": str(gate).removeprefix("torch.") if gate else None,
+            "dtype": hf["dtype"],
+        }
+        (tmp / PRECISION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _shard_name(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"

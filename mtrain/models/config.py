@@ -1,0 +1,190 @@
+"""Architecture configs of the two MoE families, with Hugging Face ``config.json`` field names.
+
+Plain dataclasses (no Hydra, no OmegaConf): the Hydra schema reuses them as the typed ``model.arch`` node, and
+``checkpoint.py`` fills them from ``config.json``. Field names are the HF ones so a user can copy values across.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, List, Optional
+
+
+@dataclass
+class MoEConfig:
+    """Fields both families share. Defaults are a tiny shape that trains on a CPU in seconds."""
+
+    model_type: ClassVar[str] = ""
+
+    vocab_size: int = 64
+    hidden_size: int = 64
+    intermediate_size: int = 128  # dense MLP layers
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = 16
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    moe_intermediate_size: int = 32
+    num_experts_per_tok: int = 2
+    norm_topk_prob: bool = True
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = None
+    eos_token_id: List[int] = field(default_factory=list)
+    pad_token_id: Optional[int] = None
+
+    # -- derived -------------------------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:  # routed experts
+        raise NotImplementedError
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.head_dim_
+
+    @property
+    def head_dim_(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; mtrain implements 'silu' (SwiGLU)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_experts}]")
+
+    # -- HF config.json ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "MoEConfig":
+        """Build from a ``config.json`` dict: fields at top level or in ``rope_parameters``; unknown keys ignored."""
+        hf = dict(hf)
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key not in hf and key in rope:
+                hf[key] = rope[key]
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ValueError(f"rope_type={rope_type!r} is not supported; mtrain implements the default RoPE")
+        cls._normalize_hf(hf)
+        eos = hf.get("eos_token_id")
+        hf["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in hf.items() if k in names})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def _normalize_hf(cls, hf: dict[str, Any]) -> None:
+        """Map aliases in ``hf`` (in place) onto this class's field names."""
+
+    def to_hf(self) -> dict[str, Any]:
+        """A ``config.json`` dict that ``transformers`` (>= 5) loads into the matching ``*ForCausalLM``."""
+        d = dataclasses.asdict(self)
+        eos = d.pop("eos_token_id")
+        d["eos_token_id"] = None if not eos else (eos[0] if len(eos) == 1 else eos)
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": d["rope_theta"]}
+        d["model_type"] = self.model_type
+        return d
+
+
+@dataclass
+class Qwen3MoeConfig(MoEConfig):
+    model_type: ClassVar[str] = "qwen3_moe"
+    architectures: ClassVar[list[str]] = ["Qwen3MoeForCausalLM"]
+
+    num_experts: int = 8  # type: ignore[assignment]  # HF: num_experts or num_local_experts
+    decoder_sparse_step: int = 1
+    mlp_only_layers: List[int] = field(default_factory=list)
+    norm_topk_prob: bool = True
+    use_sliding_window: bool = False
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (
+            layer_idx not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.use_sliding_window:
+            raise ValueError("use_sliding_window=true is not supported by mtrain's Qwen3-MoE")
+
+    @classmethod
+    def _normalize_hf(cls, hf: dict[str, Any]) -> None:
+        if "num_experts" not in hf and "num_local_experts" in hf:
+            hf["num_experts"] = hf["num_local_experts"]
+        if hf.get("mlp_only_layers") is None:
+            hf["mlp_only_layers"] = []
+
+    def to_hf(self) -> dict[str, Any]:
+        d = super().to_hf()
+        d["architectures"] = list(self.architectures)
+        return d
+
+
+@dataclass
+class Glm4MoeConfig(MoEConfig):
+    model_type: ClassVar[str] = "glm4_moe"
+    architectures: ClassVar[list[str]] = ["Glm4MoeForCausalLM"]
+
+    rms_norm_eps: float = 1e-5
+    n_routed_experts: int = 8  # HF alias: num_local_experts
+    n_shared_experts: int = 1
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    first_k_dense_replace: int = 1
+    norm_topk_prob: bool = True
+    use_qk_norm: bool = False
+    partial_rotary_factor: float = 0.5
+    num_nextn_predict_layers: int = 0  # MTP layers stored after the decoder layers; skipped on load
+
+    @property
+    def num_experts(self) -> int:  # type: ignore[override]
+        return self.n_routed_experts
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim_ * self.partial_rotary_factor)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        if self.rotary_dim % 2:
+            raise ValueError(f"head_dim * partial_rotary_factor = {self.rotary_dim} must be even")
+
+    @classmethod
+    def _normalize_hf(cls, hf: dict[str, Any]) -> None:
+        if "n_routed_experts" not in hf and "num_local_experts" in hf:
+            hf["n_routed_experts"] = hf["num_local_experts"]
+        if "num_nextn_predict_layers" not in hf and "num_mtp_layers" in hf:
+            hf["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+
+    def to_hf(self) -> dict[str, Any]:
+        d = super().to_hf()
+        d["architectures"] = list(self.architectures)
+        d["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
+        return d
+
+
+CONFIGS: dict[str, type[MoEConfig]] = {c.model_type: c for c in (Qwen3MoeConfig, Glm4MoeConfig)}

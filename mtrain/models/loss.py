@@ -1,0 +1,54 @@
+"""Chunked linear + cross-entropy that never materialises the full [tokens, vocab] logits.
+
+The forward pass walks over token chunks: logits of one chunk (model dtype GEMM, fp32 softmax), its loss, and --
+when gradients are needed -- its gradients w.r.t. the hidden states and the output weight, which are stored for the
+backward pass. Peak extra memory is one chunk of fp32 logits plus an fp32 weight-gradient accumulator, instead of
+the full fp32 logits and their gradient (for Qwen3's 151,936-token vocabulary, 8k tokens: 5 GB -> 1.2 GB at chunk 2k).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        for start in range(0, h.shape[0], chunk_size):
+            hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = (hc @ w.t()).float()
+            lse = logits.logsumexp(dim=-1)
+            valid = tc != IGNORE_INDEX
+            tgt = tc.clamp(min=0)
+            total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
+            if need_h or need_w:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(tgt.shape[0], device=tgt.device), tgt] -= 1.0
+                grad = (grad * valid[:, None]).to(h.dtype)
+                if need_h:
+                    grad_h[start : start + chunk_size] = grad @ w
+                if need_w:
+                    grad_w += grad.t() @ hc  # model-dtype GEMM, fp32 accumulation across chunks
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        return total, (targets != IGNORE_INDEX).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_count):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_total).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk_size: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [N, hidden], w [V, hidden], targets [N] (-100 = ignore) -> (summed fp32 loss, number of counted tokens)."""
+    return _LinearCrossEntropy.apply(h, w, targets, chunk_size)

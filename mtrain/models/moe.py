@@ -1,0 +1,163 @@
+"""Mixture-of-experts: the two routers, the routed experts (grouped GEMM or a plain loop), and the MoE block.
+
+The gate precision policy lives here, in :class:`Router`:
+
+* ``fp32=True`` (``moe_gate_fp32``): the gate weight is an fp32 parameter and stays fp32 through ``module.to(bf16)``
+  (and so through Lightning's precision plugins); logits, scores, bias add and top-k run in fp32 with autocast off.
+* ``fp32=False``: the gate weight is in the model dtype and the logits come out of a model-dtype GEMM, as inference
+  engines run it by default; scores and top-k are then computed in fp32 from those logits.
+
+GLM's ``e_score_correction_bias`` is always fp32. Experts always run in the model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import SwiGLU
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class Router(nn.Module):
+    """Gate GEMM ``[T, hidden] -> [T, E]`` logits under the gate precision policy. Subclasses pick the experts."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, fp32: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.num_experts, self.top_k, self.fp32 = num_experts, top_k, fp32
+
+    def _fp32_tensors(self) -> list[torch.Tensor]:
+        return [self.weight] if self.fp32 else []
+
+    def _apply(self, fn, recurse=True):
+        """Keep the policy's fp32 tensors fp32 through dtype casts (``.to(bf16)``, ``.half()``, precision plugins)."""
+        keep = {id(t) for t in self._fp32_tensors()}
+        if not keep:
+            return super()._apply(fn, recurse)
+
+        def cast_except_fp32(t):
+            out = fn(t)
+            if id(t) in keep and out.is_floating_point() and out.dtype != torch.float32:
+                return t.to(device=out.device)  # keep the move, undo the cast (from the original, not the rounded)
+            return out
+
+        return super()._apply(cast_except_fp32, recurse)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> logits [T, E]: fp32 under the fp32 policy, else the model dtype."""
+        if self.fp32:
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), self.weight.float())
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (weights fp32 [T, k], expert indices int64 [T, k])."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.route(self.logits(x).float())
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class SoftmaxTopKRouter(Router):
+    """Qwen3-MoE: softmax over all experts, top-k, optional renormalisation."""
+
+    def __init__(self, hidden, num_experts, top_k, fp32, norm_topk_prob: bool):
+        super().__init__(hidden, num_experts, top_k, fp32)
+        self.norm_topk_prob = norm_topk_prob
+
+    def route(self, logits):
+        probs = logits.softmax(dim=-1)
+        weights, idx = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, idx
+
+
+class SigmoidGroupRouter(Router):
+    """GLM4-MoE (DeepSeek-V3 style): sigmoid scores; experts chosen on ``scores + bias`` within the ``topk_group``
+    best of ``n_group`` groups (group score = sum of its top-2); weights are the un-biased scores, renormalised if
+    ``norm_topk_prob``, times ``routed_scaling_factor``."""
+
+    def __init__(self, hidden, num_experts, top_k, fp32, *, n_group, topk_group, norm_topk_prob, scaling):
+        super().__init__(hidden, num_experts, top_k, fp32)
+        self.n_group, self.topk_group = n_group, topk_group
+        self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+
+    def _fp32_tensors(self):
+        return super()._fp32_tensors() + [self.e_score_correction_bias]
+
+    def route(self, logits):
+        scores = logits.sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if self.topk_group < self.n_group:
+            T = choice.shape[0]
+            grouped = choice.view(T, self.n_group, -1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(T, -1)
+        idx = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, idx
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored fused as in ``transformers`` v5: ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I].
+
+    Input rows arrive sorted by expert with ``counts[e]`` rows for expert e. On CUDA both GEMMs are one grouped GEMM
+    each; elsewhere (and with ``backend="loop"``) a plain per-expert loop computes exactly the per-expert products.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, backend: str = "auto"):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        use_grouped = self.backend == "grouped_mm" or (self.backend == "auto" and x.is_cuda and x.dtype == torch.bfloat16)
+        if use_grouped and _grouped_mm is not None:
+            offs = counts.cumsum(0, dtype=torch.int32)
+            h = _grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs)
+            gate, up = h.chunk(2, dim=-1)
+            return _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+        out = []
+        for e, rows in enumerate(x.split(counts.tolist())):
+            if rows.shape[0]:
+                gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
+                out.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        return torch.cat(out) if out else x.new_zeros(0, x.shape[-1])
+
+
+class MoE(nn.Module):
+    """Route, sort tokens by expert, run the experts, weight and un-permute without atomics (deterministic)."""
+
+    def __init__(self, gate: Router, experts: Experts, shared_experts: SwiGLU | None = None):
+        super().__init__()
+        self.gate, self.experts, self.shared_experts = gate, experts, shared_experts
+
+    def forward(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(x)  # [T, k] each
+        if routing is not None:
+            routing.append(idx.view(*shape[:-1], -1))
+        T, k = idx.shape
+        flat = idx.view(-1)
+        order = flat.argsort(stable=True)  # position in the sorted buffer -> (token, slot) pair
+        counts = torch.bincount(flat, minlength=self.gate.num_experts)
+        out_sorted = self.experts(x[order // k], counts)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        per_slot = out_sorted[inverse].view(T, k, -1)  # gather back to (token, slot): no scatter-add
+        y = torch.bmm(weights.to(per_slot.dtype).unsqueeze(1), per_slot).squeeze(1)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)

@@ -1,0 +1,295 @@
+"""mtrain's GLM4-MoE and Qwen3-MoE against the transformers implementations (the oracle), and checkpoint I/O."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mtrain.models import CheckpointError, build_model, from_pretrained
+from mtrain.models.config import Glm4MoeConfig, Qwen3MoeConfig
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    moe_intermediate_size=32,
+    num_experts_per_tok=2,
+)
+
+# (family, HF config overrides, save options) -- at least 8 variants between the two models
+VARIANTS = {
+    "glm_groups_scaling_qknorm_bias_2dense_2shared": (
+        "glm4_moe",
+        dict(n_routed_experts=16, n_group=4, topk_group=2, routed_scaling_factor=2.5, use_qk_norm=True,
+             attention_bias=True, first_k_dense_replace=2, n_shared_experts=2, num_experts_per_tok=3,
+             num_hidden_layers=4),
+        dict(),
+    ),
+    "glm_plain_no_norm_topk_mtp_sharded": (
+        "glm4_moe",
+        dict(n_routed_experts=8, norm_topk_prob=False, num_nextn_predict_layers=1),
+        dict(max_shard_size="40KB", mtp=True),
+    ),
+    "glm_full_rotary_tied_bf16_saved": (
+        "glm4_moe",
+        dict(n_routed_experts=8, partial_rotary_factor=1.0, tie_word_embeddings=True, first_k_dense_replace=0),
+        dict(dtype=torch.bfloat16),
+    ),
+    "glm_air_like_rope_params": (
+        "glm4_moe",
+        dict(n_routed_experts=8, n_group=2, topk_group=1, attention_bias=True, rope_parameters={
+            "rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}),
+        dict(),
+    ),
+    "qwen_no_norm_topk_sparse_step2": (
+        "qwen3_moe",
+        dict(num_experts=8, norm_topk_prob=False, decoder_sparse_step=2, num_hidden_layers=4),
+        dict(),
+    ),
+    "qwen_mlp_only_tied_sharded": (
+        "qwen3_moe",
+        dict(num_experts=8, mlp_only_layers=[0, 2], tie_word_embeddings=True, norm_topk_prob=True),
+        dict(max_shard_size="30KB"),
+    ),
+    "qwen_top4_of_16_bf16_saved": (
+        "qwen3_moe",
+        dict(num_experts=16, num_experts_per_tok=4, norm_topk_prob=True),
+        dict(dtype=torch.bfloat16),
+    ),
+    "qwen_num_experts_spelling": (
+        "qwen3_moe",
+        dict(num_experts=8, norm_topk_prob=True, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+        dict(rename={"num_local_experts": "num_experts"}),
+    ),
+}
+
+
+def hf_model(family: str, overrides: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    kw = TINY | overrides
+    if family == "glm4_moe":
+        model = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(**kw))
+    else:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**kw))
+    with torch.no_grad():  # HF inits the router to zeros and expert weights tiny: make routing decisions real
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.08)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def save_hf(model, path, *, dtype=None, max_shard_size="5GB", mtp=False, rename=None):
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    if mtp:  # GLM checkpoints carry next-token-prediction layers after the decoder layers: must be skipped
+        n = model.config.num_hidden_layers
+        extra = {f"model.layers.{n}.eh_proj.weight": torch.randn(8, 8), f"model.layers.{n}.enorm.weight": torch.ones(8)}
+        save_file(extra, os.path.join(path, "mtp.safetensors"), metadata={"format": "pt"})
+        index_path = os.path.join(path, "model.safetensors.index.json")
+        index = json.load(open(index_path))
+        index["weight_map"] |= {k: "mtp.safetensors" for k in extra}
+        json.dump(index, open(index_path, "w"))
+    if rename:
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        for old, new in rename.items():
+            cfg[new] = cfg.pop(old)
+        json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    return model
+
+
+def gate_hooks(model):
+    """Collect the HF routers' top-k indices per MoE layer."""
+    picks = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: picks.append(out[2]))
+        for name, m in model.named_modules()
+        if name.endswith("mlp.gate")
+    ]
+    return picks, hooks
+
+
+def compare(hf, ours, ids):
+    picks, hooks = gate_hooks(hf)
+    with torch.no_grad():
+        ref = hf(ids).logits.float()
+        routing: list = []
+        out = ours(ids, routing=routing).float()
+    for h in hooks:
+        h.remove()
+    assert len(picks) == len(routing) == len(ours.moe_layers) > 0
+    for layer, (a, b) in enumerate(zip(picks, routing)):
+        a = a.view(-1, a.shape[-1]).sort(-1).values
+        b = b.reshape(-1, b.shape[-1]).sort(-1).values
+        assert torch.equal(a, b), f"MoE layer {layer}: top-k experts differ for {(a != b).any(-1).sum()} tokens"
+    return (ref - out).abs().max().item()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_logit_and_routing_parity_fp32(name, tmp_path):
+    family, overrides, save = VARIANTS[name]
+    hf = hf_model(family, overrides)
+    save_hf(hf, tmp_path, **save)
+    if save.get("max_shard_size"):
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = from_pretrained(tmp_path, dtype=torch.float32, expected_model_type=family).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (3, 17), generator=torch.Generator().manual_seed(1))
+    diff = compare(hf, ours, ids)
+    print(f"{name}: max |logit diff| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "qwen3_moe"])
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_round_trip_mtrain_save_transformers_load(family, shard, tmp_path):
+    cfg = (Glm4MoeConfig if family == "glm4_moe" else Qwen3MoeConfig)(
+        vocab_size=80, num_hidden_layers=3, **({"n_group": 2, "topk_group": 1} if family == "glm4_moe" else {})
+    )
+    ours = build_model(cfg, seed=3).eval()
+    with torch.no_grad():
+        for name, b in ours.named_buffers():
+            b.normal_(0, 0.05)
+    ours.save_pretrained(tmp_path / "ckpt", **({"max_shard_size": shard} if shard else {}))
+    files = sorted(os.listdir(tmp_path / "ckpt"))
+    assert ("model.safetensors.index.json" in files) == bool(shard), files
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    assert type(hf).__name__ == ("Glm4MoeForCausalLM" if family == "glm4_moe" else "Qwen3MoeForCausalLM")
+    ids = torch.randint(0, 80, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert compare(hf, ours, ids) <= 1e-5
+    again = from_pretrained(tmp_path / "ckpt")
+    for (n1, a), (n2, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert n1 == n2 and torch.equal(a, b), n1
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "qwen3_moe"])
+@pytest.mark.parametrize("gate_fp32", [True, False])
+def test_gate_dtype_follows_policy_and_is_recorded(family, gate_fp32, tmp_path, caplog):
+    cfg = (Glm4MoeConfig if family == "glm4_moe" else Qwen3MoeConfig)()
+    model = build_model(cfg, dtype="bfloat16", moe_gate_fp32=gate_fp32)
+    gate = model.model.layers[1].mlp.gate
+    assert gate.weight.dtype == (torch.float32 if gate_fp32 else torch.bfloat16)
+    assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    if family == "glm4_moe":
+        assert gate.e_score_correction_bias.dtype == torch.float32
+    model.half().to(torch.bfloat16)  # a precision plugin's blanket cast must not touch the fp32 gate
+    assert gate.weight.dtype == (torch.float32 if gate_fp32 else torch.bfloat16)
+    # the router's logits really are computed in fp32 under the policy, also inside autocast
+    x = torch.randn(5, cfg.hidden_size, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gate.logits(x).dtype == (torch.float32 if gate_fp32 else torch.bfloat16)
+
+    model.save_pretrained(tmp_path / "ckpt")
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as f:
+        stored = f.get_slice("model.layers.1.mlp.gate.weight").get_dtype()
+    assert stored == ("F32" if gate_fp32 else "BF16")
+    record = json.load(open(tmp_path / "ckpt" / "mtrain_precision.json"))
+    assert record["moe_gate_fp32"] is gate_fp32 and record["gate_dtype"] == ("float32" if gate_fp32 else "bfloat16")
+
+    # same policy: silent; other policy: one warning, or a refusal when asked
+    with caplog.at_level(logging.WARNING):
+        from_pretrained(tmp_path / "ckpt", moe_gate_fp32=gate_fp32)
+    assert "gate precision mismatch" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        loaded = from_pretrained(tmp_path / "ckpt", moe_gate_fp32=not gate_fp32)
+    assert "gate precision mismatch" in caplog.text and "moe_gate_fp32" in caplog.text
+    assert loaded.gate_dtype() == (torch.float32 if not gate_fp32 else torch.bfloat16)
+    with pytest.raises(CheckpointError, match="gate precision mismatch"):
+        from_pretrained(tmp_path / "ckpt", moe_gate_fp32=not gate_fp32, gate_mismatch="error")
+
+
+@pytest.fixture
+def good_ckpt(tmp_path):
+    model = build_model(Qwen3MoeConfig(), seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def _listing(folder):
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
+
+
+def _corrupt(folder, how):
+    st = folder / "model.safetensors"
+    if how == "missing_folder":
+        return folder.parent / "nope", "does not exist"
+    if how == "missing_config":
+        (folder / "config.json").unlink()
+        return folder, "config.json is missing"
+    if how == "missing_safetensors":
+        st.unlink()
+        return folder, "no model.safetensors"
+    if how == "corrupt":
+        st.write_bytes(b"\x00garbage" * 100)
+        return folder, "corrupt or truncated"
+    if how == "truncated":
+        data = st.read_bytes()
+        st.write_bytes(data[: len(data) // 2])
+        return folder, "corrupt or truncated"
+    tensors = load_file(st)
+    if how == "missing_key":
+        del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+        save_file(tensors, st)
+        return folder, r"missing keys \['model.layers.1.mlp.experts.3.up_proj.weight'\]"
+    if how == "unexpected_key":
+        tensors["model.layers.0.self_attn.rotary.weird"] = torch.zeros(2)
+        save_file(tensors, st)
+        return folder, "unexpected key 'model.layers.0.self_attn.rotary.weird'"
+    if how == "shape":
+        cfg = json.load(open(folder / "config.json"))
+        cfg["moe_intermediate_size"] = 48
+        json.dump(cfg, open(folder / "config.json", "w"))
+        return folder, "has shape .* but config.json implies"
+    if how == "model_type":
+        return folder, "does not match the chosen model=glm4_moe"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["missing_folder", "missing_config", "missing_safetensors", "corrupt", "truncated", "missing_key",
+     "unexpected_key", "shape", "model_type"],
+)
+def test_bad_checkpoint_is_refused_clearly(good_ckpt, how):
+    folder, message = _corrupt(good_ckpt, how)
+    before = _listing(good_ckpt) if good_ckpt.exists() else None
+    with pytest.raises(CheckpointError, match=message) as err:
+        from_pretrained(folder, expected_model_type="glm4_moe" if how == "model_type" else "qwen3_moe")
+    assert "\n" not in str(err.value)
+    assert before is None or _listing(good_ckpt) == before  # nothing written
+
+
+def test_save_refuses_to_overwrite(good_ckpt):
+    before = _listing(good_ckpt)
+    with pytest.raises(CheckpointError, match="already exists"):
+        build_model(Qwen3MoeConfig()).save_pretrained(good_ckpt)
+    assert _listing(good_ckpt) == before
+
+
+def test_tokenizer_from_checkpoint_folder(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+
+    tok = tokenizers.Tokenizer(WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    build_model(Qwen3MoeConfig()).save_pretrained(tmp_path / "ckpt", tokenizer_file=tmp_path / "tokenizer.json")
+    loaded = tokenizers.Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json"))
+    assert loaded.encode("a b a").ids == [0, 1, 0]
