@@ -13,28 +13,50 @@ import torch
 IGNORE_INDEX = -100
 
 
+def _chunk_loss_and_grad(logits: torch.Tensor, tgt: torch.Tensor, need_grad: bool):
+    """One chunk: fp32 softmax cross-entropy summed over valid targets, and d(sum)/d(logits) in the logits' dtype.
+    Written as one expression chain so that ``torch.compile`` fuses it into a pass or two over the chunk."""
+    x = logits.float()
+    lse = x.logsumexp(dim=-1, keepdim=True)
+    valid = (tgt != IGNORE_INDEX)[:, None]
+    tgt = tgt.clamp(min=0)[:, None]
+    loss = ((lse - x.gather(1, tgt)) * valid).sum()
+    if not need_grad:
+        return loss, None
+    is_target = torch.arange(x.shape[1], device=x.device)[None, :] == tgt
+    grad = ((x - lse).exp() - is_target.float()) * valid
+    return loss, grad.to(logits.dtype)
+
+
+_compiled_chunk = None
+
+
+def _chunk_fn(device: torch.device):
+    """The fused (compiled) chunk function on CUDA; plain eager elsewhere."""
+    global _compiled_chunk
+    if device.type != "cuda":
+        return _chunk_loss_and_grad
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _compiled_chunk
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk_size: int):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        chunk_fn = _chunk_fn(h.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = (hc @ w.t()).float()
-            lse = logits.logsumexp(dim=-1)
-            valid = tc != IGNORE_INDEX
-            tgt = tc.clamp(min=0)
-            total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
-            if need_h or need_w:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                grad[torch.arange(tgt.shape[0], device=tgt.device), tgt] -= 1.0
-                grad = (grad * valid[:, None]).to(h.dtype)
-                if need_h:
-                    grad_h[start : start + chunk_size] = grad @ w
-                if need_w:
-                    grad_w += grad.t() @ hc  # model-dtype GEMM, fp32 accumulation across chunks
+            loss, grad = chunk_fn(hc @ w.t(), tc, need_h or need_w)
+            total += loss
+            if need_h:
+                grad_h[start : start + chunk_size] = grad @ w
+            if need_w:
+                grad_w += grad.t() @ hc  # model-dtype GEMM, fp32 accumulation across chunks
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return total, (targets != IGNORE_INDEX).sum()

@@ -152,7 +152,9 @@ class MoE(nn.Module):
         T, k = idx.shape
         flat = idx.view(-1)
         order = flat.argsort(stable=True)  # position in the sorted buffer -> (token, slot) pair
-        counts = torch.bincount(flat, minlength=self.gate.num_experts)
+        counts = torch.zeros(self.gate.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat)
+        )  # fixed-size (unlike bincount), so torch.compile sees static shapes
         out_sorted = self.experts(x[order // k], counts)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)

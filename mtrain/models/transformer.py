@@ -113,6 +113,13 @@ class MoECausalLM(nn.Module):
         total, count = linear_cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten(), chunk_size)
         return total / count.clamp(min=1)
 
+    def compile_layers(self, **kwargs) -> "MoECausalLM":
+        """``torch.compile`` each decoder layer in place (fuses norms, RoPE, SwiGLU and the routing glue; the
+        expert GEMMs stay grouped GEMMs). Returns self."""
+        for layer in self.model.layers:
+            layer.compile(**kwargs)
+        return self
+
     # -- bookkeeping ---------------------------------------------------------------------------------------------
     @property
     def moe_layers(self) -> list[int]:

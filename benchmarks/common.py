@@ -1,0 +1,135 @@
+"""Shared pieces of the side-by-side benchmarks: the model shapes users care about, identical weights in mtrain and
+transformers, CUDA-event timing, the measured matmul rate and the analytic MoE FLOP count."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+
+import torch
+
+from mtrain.models import build_model
+from mtrain.models.config import CONFIGS
+
+SHAPES = {
+    # Qwen3-30B-A3B
+    "qwen3_30b_a3b": (
+        "qwen3_moe",
+        dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_attention_heads=32,
+             num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+             norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960),
+    ),
+    # GLM-4.5-Air
+    "glm45_air": (
+        "glm4_moe",
+        dict(vocab_size=151552, hidden_size=4096, intermediate_size=10944, num_attention_heads=96,
+             num_key_value_heads=8, head_dim=128, n_routed_experts=128, n_shared_experts=1, num_experts_per_tok=8,
+             moe_intermediate_size=1408, first_k_dense_replace=1, partial_rotary_factor=0.5, attention_bias=True,
+             n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=False,
+             rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=131072),
+    ),
+    # tiny shapes for a CPU smoke run of the scripts
+    "tiny_qwen": ("qwen3_moe", dict(vocab_size=512, hidden_size=64, num_experts=8, moe_intermediate_size=32)),
+    "tiny_glm": ("glm4_moe", dict(vocab_size=512, hidden_size=64, n_routed_experts=8, moe_intermediate_size=32)),
+}
+
+
+def mtrain_config(shape: str, layers: int):
+    family, kw = SHAPES[shape]
+    return CONFIGS[family](**kw, num_hidden_layers=layers)
+
+
+def make_mtrain(cfg, device, *, rl: bool, seed: int = 0):
+    return build_model(cfg, dtype=torch.bfloat16, device=device, moe_gate_fp32=rl, rope_fp32=rl, seed=seed)
+
+
+def make_hf(cfg, device, state_dict=None, dtype=torch.bfloat16):
+    """The transformers model of the same architecture (grouped_mm experts, SDPA attention), optionally with the
+    given weights. transformers is the oracle, imported only here."""
+    import transformers
+
+    hf_cfg_dict = cfg.to_hf()
+    cls_name = hf_cfg_dict["architectures"][0]
+    config = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))(**{
+        k: v for k, v in hf_cfg_dict.items() if k not in ("architectures", "model_type", "dtype")
+    })
+    config._attn_implementation = "sdpa"
+    config._experts_implementation = "grouped_mm"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = getattr(transformers, cls_name)(config)
+    finally:
+        torch.set_default_dtype(default)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def batch(cfg, batch_size: int, seq: int, device, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch_size, seq), device=device, generator=g)
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    return ids, targets
+
+
+def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds per call, CUDA events (synchronize-free timing of the device work)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t = time_cuda(lambda: a @ b, warmup=5, iters=20)
+    return 2 * n**3 / t / 1e12
+
+
+def active_params_per_token(cfg) -> int:
+    """Matmul parameters a token passes through: attention projections, router, dense MLP or top-k + shared experts,
+    lm_head (embedding lookups are not matmuls)."""
+    h, d = cfg.hidden_size, cfg.head_dim_
+    attn = h * d * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2)
+    total = cfg.vocab_size * h
+    for i in range(cfg.num_hidden_layers):
+        if cfg.is_moe_layer(i):
+            shared = getattr(cfg, "n_shared_experts", 0)
+            total += attn + h * cfg.num_experts + 3 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + shared)
+        else:
+            total += attn + 3 * h * cfg.intermediate_size
+    return total
+
+
+def flops_per_token(cfg, seq: int, train: bool) -> float:
+    """6 (train) or 2 (forward) x active params, plus causal attention (QK^T and AV over seq/2 keys on average)."""
+    mult = 6 if train else 2
+    attn = 2 * 2 * cfg.num_attention_heads * cfg.head_dim_ * (seq / 2) * cfg.num_hidden_layers
+    return mult * active_params_per_token(cfg) + (3 if train else 1) * attn
+
+
+def card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def append_results(rows: list[dict], path: str = "benchmarks/results.jsonl") -> None:
+    out = os.environ.get("OUT")
+    stamp = {"date": datetime.date.today().isoformat(), "card": card()}
+    lines = [json.dumps(stamp | r) for r in rows]
+    for p in filter(None, [path, out and os.path.join(out, os.path.basename(path))]):
+        with open(p, "a") as f:
+            f.write("\n".join(lines) + "\n")

@@ -1,0 +1,211 @@
+"""mtrain vs transformers (grouped_mm experts, SDPA), side by side on one GPU: training step (fwd+bwd) and eval
+forward, identical random weights, same shapes and dtype (bf16).
+
+    python benchmarks/train_step.py                       # Qwen3-30B-A3B and GLM-4.5-Air shapes, 4 layers, 4x2048
+    python benchmarks/train_step.py --eval-layers 48      # + eval forward of a full-depth Qwen3-30B-A3B shape
+
+Checks numerics first (logits, loss and gradients close to the reference), then prints tokens/s, TFLOP/s, MFU
+against the dense bf16 matmul rate measured in the same run, peak memory and the ratio, for rl=on and rl=off.
+Appends one JSON line per case to benchmarks/results.jsonl (and $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (  # noqa: E402
+    append_results, batch, card, flops_per_token, make_hf, make_mtrain, matmul_tflops, mtrain_config, time_cuda,
+)
+
+
+def free():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+def _loss_and_grads(model, ids, targets, ours: bool):
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(ids, targets) if ours else model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_numerics(shape: str, args) -> dict:
+    """Same weights at 2 layers: mtrain bf16 and transformers bf16, each against an fp32 reference (transformers in
+    fp32 with the same weights). bf16 gradients of large reductions are noisy on both sides: the fair statement is
+    that mtrain's errors are no larger than the reference's."""
+    cfg = mtrain_config(shape, 2)
+    ours = make_mtrain(cfg, "cuda", rl=True)
+    sd = ours.state_dict()
+    ids, targets = batch(cfg, 2, 512, "cuda")
+    out = {}
+    ref32 = make_hf(cfg, "cuda", sd, dtype=torch.float32)
+    with torch.no_grad():
+        logits32 = ref32(input_ids=ids).logits.float()
+    loss32, grads32 = _loss_and_grads(ref32, ids, targets, ours=False)
+    del ref32
+    free()
+    with torch.no_grad():
+        out["logits_err_mtrain"] = rel(ours(ids), logits32)
+    loss, grads = _loss_and_grads(ours, ids, targets, ours=True)
+    out["loss_err_mtrain"] = abs(loss - loss32)
+    errs = {n: rel(g, grads32[n]) for n, g in grads.items()}
+    out["grad_err_mtrain_median"] = sorted(errs.values())[len(errs) // 2]
+    out["grad_err_mtrain_max"] = max(errs.values())
+    del ours, grads
+    free()
+    hf = make_hf(cfg, "cuda", sd)
+    with torch.no_grad():
+        out["logits_err_ref"] = rel(hf(input_ids=ids).logits, logits32)
+    loss, grads = _loss_and_grads(hf, ids, targets, ours=False)
+    out["loss_err_ref"] = abs(loss - loss32)
+    errs = {n: rel(g, grads32[n]) for n, g in grads.items()}
+    out["grad_err_ref_median"] = sorted(errs.values())[len(errs) // 2]
+    out["grad_err_ref_max"] = max(errs.values())
+    del hf, grads, grads32, sd
+    free()
+    return {k: float(f"{v:.3g}") for k, v in out.items()}
+
+
+def train_tokens_per_s(model, step, ids, targets) -> tuple[float, float]:
+    def run():
+        model.zero_grad(set_to_none=True)
+        step(model, ids, targets)
+
+    free()
+    t = time_cuda(run, warmup=args.warmup, iters=args.iters)
+    return ids.numel() / t, torch.cuda.max_memory_allocated() / 2**30
+
+
+def ours_step(model, ids, targets):
+    model.loss(ids, targets).backward()
+
+
+def hf_step(model, ids, targets):
+    labels = ids  # transformers shifts labels itself
+    model(input_ids=ids, labels=labels).loss.backward()
+
+
+def bench_train(shape: str, args, peak_tflops: float) -> list[dict]:
+    cfg = mtrain_config(shape, args.layers)
+    ids, targets = batch(cfg, args.batch, args.seq, "cuda")
+    fpt = flops_per_token(cfg, args.seq, train=True)
+    results, state = {}, None
+    variants = [("rl=on", True, False), ("rl=off", False, False)]
+    if args.compile:
+        variants += [("rl=on+compile", True, True), ("rl=off+compile", False, True)]
+    ref = None
+    for name, rl, compiled in variants:
+        model = make_mtrain(cfg, "cuda", rl=rl).train()
+        if compiled:
+            model.compile_layers()
+        if ref is None:
+            state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+        results[name] = train_tokens_per_s(model, ours_step, ids, targets)
+        print(f"  {shape} mtrain {name}: {results[name][0]:,.0f} tok/s, peak {results[name][1]:.1f} GiB", flush=True)
+        del model
+        free()
+        if ref is None:  # the reference right after the first variant, so a cut-off run still has its ratio
+            hf = make_hf(cfg, "cuda", state).train()
+            state = None
+            ref = train_tokens_per_s(hf, hf_step, ids, targets)
+            print(f"  {shape} transformers grouped_mm: {ref[0]:,.0f} tok/s, peak {ref[1]:.1f} GiB", flush=True)
+            del hf
+            free()
+    rows = []
+    for name, (tps, mem) in results.items():
+        rows.append(dict(
+            bench="train_step", shape=shape, layers=args.layers, tokens=f"{args.batch}x{args.seq}", variant=name,
+            rl=name.startswith("rl=on"), mtrain_tok_s=round(tps), ref_tok_s=round(ref[0]), ratio=round(tps / ref[0], 3),
+            mtrain_tflops=round(tps * fpt / 1e12, 1), mfu=round(tps * fpt / 1e12 / peak_tflops, 3),
+            ref_mfu=round(ref[0] * fpt / 1e12 / peak_tflops, 3), matmul_tflops=round(peak_tflops, 1),
+            mtrain_peak_gib=round(mem, 2), ref_peak_gib=round(ref[1], 2),
+        ))
+    return rows
+
+
+def bench_eval(shape: str, layers: int, args, peak_tflops: float) -> list[dict]:
+    """Forward-only (no grad) logits of a full-depth model; one model on the GPU at a time (weights: same seeded
+    distribution, not the same tensors -- 2 x 30B parameters do not fit one card)."""
+    cfg = mtrain_config(shape, layers)
+    ids, _ = batch(cfg, args.batch, args.seq, "cuda")
+    fpt = flops_per_token(cfg, args.seq, train=False)
+    res = {}
+    for name, rl, compiled in (("rl=on", True, False), ("rl=off", False, False), ("rl=on+compile", True, True),
+                               ("rl=off+compile", False, True)):
+        if compiled and not args.compile:
+            continue
+        model = make_mtrain(cfg, "cuda", rl=rl).eval()
+        if compiled:
+            model.compile_layers()
+        free()
+        with torch.no_grad():
+            t = time_cuda(lambda: model(ids), warmup=2, iters=5)
+        res[name] = (ids.numel() / t, torch.cuda.max_memory_allocated() / 2**30)
+        print(f"  eval {shape} x{layers} mtrain {name}: {res[name][0]:,.0f} tok/s, peak {res[name][1]:.1f} GiB", flush=True)
+        del model
+        free()
+    hf = make_hf(cfg, "cuda").eval()
+    free()
+    with torch.no_grad():
+        t = time_cuda(lambda: hf(input_ids=ids).logits, warmup=2, iters=5)
+    ref = (ids.numel() / t, torch.cuda.max_memory_allocated() / 2**30)
+    print(f"  eval {shape} x{layers} transformers: {ref[0]:,.0f} tok/s, peak {ref[1]:.1f} GiB", flush=True)
+    del hf
+    free()
+    return [
+        dict(bench="eval_forward", shape=shape, layers=layers, tokens=f"{args.batch}x{args.seq}", variant=name,
+             rl=name.startswith("rl=on"), mtrain_tok_s=round(tps), ref_tok_s=round(ref[0]), ratio=round(tps / ref[0], 3),
+             mfu=round(tps * fpt / 1e12 / peak_tflops, 3), matmul_tflops=round(peak_tflops, 1),
+             mtrain_peak_gib=round(mem, 2), ref_peak_gib=round(ref[1], 2))
+        for name, (tps, mem) in res.items()
+    ]
+
+
+def main():
+    global args
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["qwen3_30b_a3b", "glm45_air"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--compile", action="store_true", help="also time mtrain with torch.compile'd decoder layers")
+    p.add_argument("--eval-layers", type=int, default=0, help="also time eval forward at this depth (Qwen3 shape)")
+    p.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results.jsonl")
+    args = p.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 gate GEMM must be real fp32
+    peak = matmul_tflops()
+    print(f"{card()}: dense bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    rows = []
+    for shape in args.shapes:
+        num = check_numerics(shape, args)
+        print(f"  {shape} numerics vs transformers (bf16): {num}", flush=True)
+        rows += [r | {"numerics": num} for r in bench_train(shape, args, peak)]
+    if args.eval_layers:
+        rows += bench_eval("qwen3_30b_a3b", args.eval_layers, args, peak)
+    if not args.no_save:
+        append_results(rows)
+    print(f"\n{'bench':12} {'shape':14} {'L':>3} {'variant':16} {'mtrain tok/s':>13} {'ref tok/s':>10} {'ratio':>6} "
+          f"{'MFU':>6} {'ref MFU':>7} {'peak GiB':>9} {'ref GiB':>8}")
+    for r in rows:
+        print(f"{r['bench']:12} {r['shape']:14} {r['layers']:>3} {r['variant']:16} {r['mtrain_tok_s']:>13,} "
+              f"{r['ref_tok_s']:>10,} {r['ratio']:>6.2f} {r['mfu']:>6.1%} {r.get('ref_mfu', float('nan')):>7.1%} "
+              f"{r['mtrain_peak_gib']:>9.1f} {r['ref_peak_gib']:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
