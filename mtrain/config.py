@@ -1,0 +1,405 @@
+"""Typed config schema, the OmegaConf resolvers, and the ONE precision decision.
+
+Importing this module (``import mtrain`` does) registers the resolvers and the schema in Hydra's ConfigStore,
+idempotently, so they also exist in joblib/submitit workers and Lightning subprocesses.
+
+Precedence of the router-gate precision (``model.moe_gate_fp32``), highest first:
+
+1. an explicit ``model.moe_gate_fp32=true|false`` override,
+2. an explicitly chosen ``rl=on|off``,
+3. the environment variable ``FD_ENABLE_RL``,
+4. the default: off.
+
+``model.rope_fp32`` follows the same chain (its own override first). ``rl=on`` exports ``FD_ENABLE_RL=1`` to the
+job's environment so a process the job starts (a rollout engine) agrees with the trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Tuple
+
+from hydra.core.config_store import ConfigStore
+from hydra.errors import CompactHydraException
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
+
+from mtrain.models.config import Glm4MoeConfig, MoEConfig, Qwen3MoeConfig
+
+log = logging.getLogger("mtrain")
+
+ENV_VAR = "FD_ENABLE_RL"
+ON_SPELLINGS = ("1", "true", "on", "yes")
+OFF_SPELLINGS = ("0", "false", "off", "no")
+RL_CHOICES = ("on", "off", "auto")
+DTYPES = ("float32", "bfloat16")
+RESOLVED_NAME = "config_resolved.yaml"
+
+
+class ConfigError(ValueError, CompactHydraException):
+    """A user-facing configuration error; its message is one line that names the offending key or variable.
+
+    Also a Hydra ``CompactHydraException``, so Hydra prints only the message (no traceback) if it sees it.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schema (structured configs). Hydra sets the struct flag, so unknown keys and wrong types are refused at compose.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # glm4_moe | qwen3_moe
+    checkpoint: Optional[str] = None  # null = random init; else a Hugging Face model folder
+    dtype: Optional[str] = None  # float32 | bfloat16 | null (= follow trainer.precision)
+    moe_gate_fp32: Optional[bool] = None  # null/interpolation = decided by decide_precision()
+    rope_fp32: Optional[bool] = None
+    arch: Any = MISSING  # typed per model below
+
+
+@dataclass
+class Glm4MoeModelConfig(ModelConfig):
+    name: str = "glm4_moe"
+    arch: Glm4MoeConfig = field(default_factory=Glm4MoeConfig)
+
+
+@dataclass
+class Qwen3MoeModelConfig(ModelConfig):
+    name: str = "qwen3_moe"
+    arch: Qwen3MoeConfig = field(default_factory=Qwen3MoeConfig)
+
+
+MODEL_SCHEMAS: dict[str, type[ModelConfig]] = {"glm4_moe": Glm4MoeModelConfig, "qwen3_moe": Qwen3MoeModelConfig}
+
+
+@dataclass
+class RLConfig:
+    mode: str = "auto"  # on | off | auto (= follow FD_ENABLE_RL)
+
+
+@dataclass
+class TrainerConfig:
+    """Keyword arguments of ``lightning.Trainer``."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1  # int, list of ints or "auto"
+    precision: str = "32-true"
+    max_steps: int = 100
+    val_check_interval: Any = 50  # int: every N training batches; float: fraction of an epoch
+    check_val_every_n_epoch: Optional[int] = None  # None: val_check_interval counts steps across epochs
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+
+
+@dataclass
+class InfoTaskConfig(TaskConfig):
+    name: str = "info"
+
+
+@dataclass
+class MTrainConfig:
+    model: ModelConfig = MISSING
+    rl: RLConfig = field(default_factory=RLConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: Any = MISSING  # typed per task by its schema (first entry of the task yaml's defaults list)
+    data: Any = None  # owned by mtrain.data; loosely typed here
+    seed: int = 0
+
+
+def register_schemas() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent: storing again replaces)."""
+    cs = ConfigStore.instance()
+    cs.store(name="mtrain_schema", node=MTrainConfig)
+    for name, node in MODEL_SCHEMAS.items():
+        cs.store(group="schema/model", name=name, node=node)
+    cs.store(group="schema/task", name="info", node=InfoTaskConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FD_ENABLE_RL and the precision decision
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_fd_enable_rl(value: Optional[str]) -> bool:
+    """Strictly decode ``FD_ENABLE_RL``: unset/empty/0/false/off/no -> False; 1/true/on/yes -> True."""
+    if value is None:
+        return False
+    v = value.strip().lower()
+    if v == "" or v in OFF_SPELLINGS:
+        return False
+    if v in ON_SPELLINGS:
+        return True
+    raise ConfigError(
+        f"{ENV_VAR}={value!r} is not a valid switch; accepted (case-insensitive): "
+        f"{'/'.join(ON_SPELLINGS)} for on, {'/'.join(OFF_SPELLINGS)}, empty or unset for off"
+    )
+
+
+def _fmt(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else str(value)
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """The outcome of :func:`decide_precision`: each value with the place it came from."""
+
+    moe_gate_fp32: bool
+    rope_fp32: bool
+    source: str  # where moe_gate_fp32 came from: "model.moe_gate_fp32=false (override)", "rl=on", "FD_ENABLE_RL=1", "default"
+    rope_source: str
+    rl: bool  # RL alignment in effect (rl choice, else FD_ENABLE_RL, else off)
+    rl_source: str
+    export_env: Optional[str] = None  # value of FD_ENABLE_RL to put into the job's environment; None = leave as is
+    warnings: Tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "moe_gate_fp32": {"value": self.moe_gate_fp32, "source": self.source},
+            "rope_fp32": {"value": self.rope_fp32, "source": self.rope_source},
+            "rl": {"value": self.rl, "source": self.rl_source},
+            "export_env": self.export_env,
+            "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PrecisionPlan":
+        return cls(
+            moe_gate_fp32=bool(d["moe_gate_fp32"]["value"]),
+            source=str(d["moe_gate_fp32"]["source"]),
+            rope_fp32=bool(d["rope_fp32"]["value"]),
+            rope_source=str(d["rope_fp32"]["source"]),
+            rl=bool(d["rl"]["value"]),
+            rl_source=str(d["rl"]["source"]),
+            export_env=d.get("export_env"),
+            warnings=tuple(d.get("warnings") or ()),
+        )
+
+    def summary(self) -> str:
+        return (
+            f"moe_gate_fp32={_fmt(self.moe_gate_fp32)} [{self.source}], "
+            f"rope_fp32={_fmt(self.rope_fp32)} [{self.rope_source}]"
+        )
+
+
+def decide_precision(
+    gate_override: Optional[bool],
+    rl_choice: str,
+    env: Mapping[str, str],
+    rope_override: Optional[bool] = None,
+) -> PrecisionPlan:
+    """The one precision decision. Pure: reads only its arguments.
+
+    gate_override / rope_override: an explicit ``model.moe_gate_fp32`` / ``model.rope_fp32`` value, or None.
+    rl_choice: ``rl.mode`` — "on", "off" or "auto" (follow ``FD_ENABLE_RL``).
+    env: the environment (``os.environ``); ``FD_ENABLE_RL`` is parsed strictly even when ``rl`` is explicit.
+    """
+    if rl_choice not in RL_CHOICES:
+        raise ConfigError(f"rl.mode={rl_choice!r} is not one of {', '.join(RL_CHOICES)}")
+    raw = env.get(ENV_VAR)
+    env_on = parse_fd_enable_rl(raw)
+    env_set = raw is not None and raw.strip() != ""
+    env_side = f"{ENV_VAR}={raw.strip()}" if env_set else None
+
+    warnings: list[str] = []
+    export: Optional[str] = None
+    if rl_choice in ("on", "off"):
+        rl, rl_source = rl_choice == "on", f"rl={rl_choice}"
+        if rl:
+            export = "1"
+        elif env_on:
+            export = "0"
+        if env_set and env_on != rl:
+            warnings.append(
+                f"rl={rl_choice} overrides {env_side}: moe_gate_fp32 and rope_fp32 follow rl={rl_choice}; "
+                f"{ENV_VAR}={export} is exported to processes this job starts"
+            )
+    elif env_set:
+        rl, rl_source = env_on, env_side
+    else:
+        rl, rl_source = False, "default"
+
+    def pick(key: str, override: Optional[bool]) -> Tuple[bool, str]:
+        if override is None:
+            return rl, rl_source
+        if rl_source != "default" and override != rl:
+            side = "on" if rl else "off"
+            what = "the router gate" if key == "moe_gate_fp32" else "RoPE"
+            warnings.append(
+                f"model.{key}={_fmt(override)} (override) overrides {rl_source}: the trainer computes {what} in "
+                f"{'fp32' if override else 'the model dtype'} although RL alignment is {side}, so train and rollout "
+                "may disagree"
+            )
+        return bool(override), f"model.{key}={_fmt(override)} (override)"
+
+    gate, gate_source = pick("moe_gate_fp32", gate_override)
+    rope, rope_source = pick("rope_fp32", rope_override)
+    return PrecisionPlan(gate, rope, gate_source, rope_source, rl, rl_source, export, tuple(warnings))
+
+
+def dtype_for_precision(precision: Any) -> str:
+    """Model dtype that follows Lightning's ``trainer.precision``: bfloat16 for ``bf16-true``, else float32."""
+    return "bfloat16" if str(precision) == "bf16-true" else "float32"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resolvers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gate_fp32_resolver(rl_mode: str) -> bool:
+    return decide_precision(None, str(rl_mode), os.environ).moe_gate_fp32
+
+
+def _rope_fp32_resolver(rl_mode: str) -> bool:
+    return decide_precision(None, str(rl_mode), os.environ).rope_fp32
+
+
+def _fd_enable_rl_resolver() -> bool:
+    return parse_fd_enable_rl(os.environ.get(ENV_VAR))
+
+
+RESOLVERS = {
+    "mtrain.gate_fp32": _gate_fp32_resolver,  # ${mtrain.gate_fp32:${rl.mode}}
+    "mtrain.rope_fp32": _rope_fp32_resolver,  # ${mtrain.rope_fp32:${rl.mode}}
+    "mtrain.dtype": dtype_for_precision,  # ${mtrain.dtype:${trainer.precision}}
+    "mtrain.fd_enable_rl": _fd_enable_rl_resolver,  # ${mtrain.fd_enable_rl:}
+}
+
+
+def register_resolvers() -> None:
+    """Register mtrain's OmegaConf resolvers (idempotent). Never cached: the environment may change."""
+    for name, fn in RESOLVERS.items():
+        OmegaConf.register_new_resolver(name, fn, replace=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run preparation: decide, resolve, record
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _override(node: DictConfig, key: str) -> Optional[bool]:
+    """An explicit value of ``node.key`` (None when it is the default interpolation or null)."""
+    if OmegaConf.is_interpolation(node, key):
+        return None
+    return node[key]
+
+
+def _resolve_copy(cfg: DictConfig) -> DictConfig:
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.pop("hydra", None)
+    try:
+        OmegaConf.resolve(out)
+    except InterpolationResolutionError as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+    return out
+
+
+def prepare_run(cfg: DictConfig, apply_env: bool = True) -> Tuple[DictConfig, PrecisionPlan]:
+    """Decide precision, resolve the config, and record the decision in it.
+
+    Returns a resolved copy of ``cfg`` (typed, struct) in which ``model.moe_gate_fp32``, ``model.rope_fp32`` and
+    ``model.dtype`` hold concrete values, plus a ``precision:`` section (each value with its source, the exported
+    ``FD_ENABLE_RL`` and the warnings). With ``apply_env``, ``FD_ENABLE_RL`` is set in ``os.environ`` as the plan
+    says (``rl=on`` -> 1). Logs the decision and each warning once. Idempotent: a config that already has a
+    ``precision:`` section is returned as is.
+    """
+    if "precision" in cfg:
+        return cfg, PrecisionPlan.from_dict(OmegaConf.to_container(cfg.precision, resolve=True))  # type: ignore[arg-type]
+
+    model = cfg.model
+    if OmegaConf.get_type(model) is not MODEL_SCHEMAS.get(model.name):
+        raise ConfigError(
+            f"model.name={model.name!r} does not match the selected model config; pick the model with "
+            f"model={'|'.join(MODEL_SCHEMAS)} rather than by setting model.name"
+        )
+    plan = decide_precision(
+        _override(model, "moe_gate_fp32"), str(cfg.rl.mode), os.environ, _override(model, "rope_fp32")
+    )
+    dtype_override = None if OmegaConf.is_interpolation(model, "dtype") else model.dtype
+
+    out = _resolve_copy(cfg)
+    if dtype_override is None:
+        dtype, dtype_source = dtype_for_precision(out.trainer.precision), f"trainer.precision={out.trainer.precision}"
+    else:
+        dtype, dtype_source = str(dtype_override), f"model.dtype={dtype_override} (override)"
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={dtype!r} is not one of {', '.join(DTYPES)} or null (follow trainer.precision)")
+    arch: MoEConfig = OmegaConf.to_object(out.model.arch)  # type: ignore[assignment]
+    try:
+        arch.validate()
+    except ValueError as e:
+        raise ConfigError(f"model.arch: {e}") from None
+
+    out.model.moe_gate_fp32 = plan.moe_gate_fp32
+    out.model.rope_fp32 = plan.rope_fp32
+    out.model.dtype = dtype
+    record = plan.to_dict()
+    record["dtype"] = {"value": dtype, "source": dtype_source}
+    with open_dict(out):
+        out.precision = record
+
+    log.info("precision: %s, dtype=%s [%s]", plan.summary(), dtype, dtype_source)
+    for w in plan.warnings:
+        log.warning(w)
+    if apply_env and plan.export_env is not None:
+        os.environ[ENV_VAR] = plan.export_env
+        log.info("exported %s=%s to processes this job starts", ENV_VAR, plan.export_env)
+    return out, plan
+
+
+def save_resolved(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the (prepared) config, fully resolved, to ``<run_dir>/config_resolved.yaml``; return its path."""
+    path = Path(run_dir) / RESOLVED_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def job_dir() -> Path:
+    """The current Hydra job's output dir (run dir, or the job's sweep subdir); the cwd outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        out = HydraConfig.get().runtime.output_dir
+        if out:
+            return Path(out)
+    return Path.cwd()
+
+
+register_resolvers()
+register_schemas()
+
+__all__ = [
+    "ConfigError",
+    "ENV_VAR",
+    "MTrainConfig",
+    "ModelConfig",
+    "PrecisionPlan",
+    "TrainerConfig",
+    "decide_precision",
+    "dtype_for_precision",
+    "job_dir",
+    "parse_fd_enable_rl",
+    "prepare_run",
+    "register_resolvers",
+    "register_schemas",
+    "save_resolved",
+]

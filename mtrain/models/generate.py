@@ -1,0 +1,135 @@
+"""The rollout path: batched autoregressive decoding as an inference engine runs it.
+
+``generate`` left-pads prompts of different lengths, prefills them, then decodes one token per step with a KV cache
+(``decode="kv"``, what engines do) or by re-running the full forward over the whole sequence each step
+(``decode="recompute"``: the trainer's computation, token for token -- slow, used to align rollout and trainer).
+It returns the tokens, the logprob of each sampled token under the model's (temperature-1) distribution as computed
+while decoding, and the top-k experts every MoE layer chose at the position that produced each token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .layers import KVCache
+from .transformer import MoECausalLM
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # [B, N] generated ids (pad_id after a row finished)
+    logprobs: torch.Tensor  # [B, N] fp32 logprob of each generated token while decoding (0 after finishing)
+    routing: torch.Tensor  # [B, N, moe_layers, k] experts chosen at the position that produced each token
+    lengths: torch.Tensor  # [B] generated tokens per row, the stop token included
+    prompts: list[list[int]]
+
+    def sequences(self) -> list[list[int]]:
+        """Prompt + generated tokens of each row, unpadded."""
+        return [p + self.tokens[i, : self.lengths[i]].tolist() for i, p in enumerate(self.prompts)]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = (logits / temperature).softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: MoECausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    decode: str = "kv",
+) -> Generation:
+    """Decode ``max_new_tokens`` (or until every row emitted one of ``eos_ids``) after each prompt."""
+    if decode not in ("kv", "recompute"):
+        raise ValueError(f"decode={decode!r}: use 'kv' or 'recompute'")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    device = model.output_weight.device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + max_new_tokens
+    ids, real = left_padded(prompts, total, pad_id, device)
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None and temperature > 0 else None
+    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+    out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    out_routing: list[torch.Tensor] = []
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cfg = model.config
+    cache = (
+        KVCache(len(model.model.layers), B, cfg.num_key_value_heads, total, cfg.head_dim_, dtype=model.output_weight.dtype,
+                device=device)
+        if decode == "kv"
+        else None
+    )
+
+    end = longest
+    for step in range(max_new_tokens):
+        start = end - 1 if (cache is not None and step > 0) else 0
+        if cache is not None:
+            cache.length = start
+        window = ids[:, start:end]
+        positions, mask = positions_and_mask(real[:, :end], end - start)
+        routing: list = []
+        h = model.hidden_states(window, position_ids=positions, cache=cache, attn_mask=mask, routing=routing)
+        logits = (h[:, -1] @ model.output_weight.t()).float()
+        token = _sample(logits, temperature, top_p, gen)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        logprob = logits.log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+        out_tokens[:, step] = token
+        out_logprobs[:, step] = torch.where(done, 0.0, logprob)
+        if routing:
+            out_routing.append(torch.stack([r[:, -1] for r in routing], dim=1))  # [B, layers, k]
+        lengths += (~done).long()
+        ids[:, end] = token
+        real[:, end] = ~done
+        done |= torch.isin(token, eos)
+        end += 1
+        if bool(done.all()):
+            break
+    n = int(lengths.max())
+    routing_t = (
+        torch.stack(out_routing, dim=1)[:, :n]
+        if out_routing
+        else torch.zeros((B, n, 0, 0), dtype=torch.long, device=device)
+    )
+    return Generation(out_tokens[:, :n], out_logprobs[:, :n], routing_t, lengths, [list(p) for p in prompts])
+
+
+def left_padded(prompts: Sequence[Sequence[int]], total: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, total] with each prompt right-aligned at the longest prompt's end, and the mask of real tokens."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), total), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros((len(prompts), total), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) : longest] = torch.tensor(list(p), device=device)
+        real[i, longest - len(p) : longest] = True
+    return ids, real
+
+
+def positions_and_mask(real: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the last ``q_len`` of ``real.shape[1]`` tokens: RoPE positions counting real tokens only, and the bool
+    attention mask [B, 1, q_len, kv] (causal, real keys only; a pad query attends to itself so no row is empty)."""
+    kv = real.shape[1]
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, kv - q_len :]
+    q_pos = torch.arange(kv - q_len, kv, device=real.device)[:, None]
+    k_pos = torch.arange(kv, device=real.device)[None, :]
+    mask = ((k_pos <= q_pos)[None] & real[:, None, :]) | (k_pos == q_pos)[None]
+    return positions, mask[:, None]

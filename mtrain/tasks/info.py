@@ -1,0 +1,65 @@
+"""``task=info``: no model; show the composed precision plan, where each value came from, and the run dir."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mtrain.config import ENV_VAR, job_dir, prepare_run
+
+
+def _choice(group: str) -> Optional[str]:
+    """The option chosen for a config group (``experiment``, ``trainer``...); None outside Hydra or if none."""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        return None if choice is None else str(choice)
+    return None
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    cfg, plan = prepare_run(cfg)  # no-op when the CLI already prepared it
+    p = cfg.precision
+    out = job_dir()
+    info: dict[str, Any] = {
+        "task": "info",
+        "model": cfg.model.name,
+        "checkpoint": cfg.model.checkpoint,
+        "rl": cfg.rl.mode,
+        "experiment": _choice("experiment"),
+        "trainer": _choice("trainer"),
+        "trainer_precision": cfg.trainer.precision,
+        "moe_gate_fp32": plan.moe_gate_fp32,
+        "moe_gate_fp32_source": plan.source,
+        "rope_fp32": plan.rope_fp32,
+        "rope_fp32_source": plan.rope_source,
+        "rl_alignment": plan.rl,
+        "rl_alignment_source": plan.rl_source,
+        "dtype": p.dtype.value,
+        "dtype_source": p.dtype.source,
+        ENV_VAR: os.environ.get(ENV_VAR),
+        "warnings": list(plan.warnings),
+        "run_dir": str(out),
+    }
+    env = os.environ.get(ENV_VAR)
+    rows = [
+        ("model", f"{info['model']} (checkpoint: {info['checkpoint'] or 'none, random init'})", ""),
+        ("rl", info["rl"], f"RL alignment {'on' if plan.rl else 'off'} [{plan.rl_source}]"),
+        ("moe_gate_fp32", info["moe_gate_fp32"], plan.source),
+        ("rope_fp32", info["rope_fp32"], plan.rope_source),
+        ("dtype", info["dtype"], info["dtype_source"]),
+        (ENV_VAR, "unset" if env is None else repr(env), "in this job's environment"),
+        ("run dir", str(out), ""),
+    ]
+    print("mtrain info")
+    for key, value, source in rows:
+        value = "true" if value is True else "false" if value is False else value
+        print(f"  {key:<14} {str(value):<12} {source}".rstrip())
+    for w in plan.warnings:
+        print(f"  warning: {w}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
