@@ -1,8 +1,10 @@
 """The rollout path: batched autoregressive decoding as an inference engine runs it.
 
 ``generate`` left-pads prompts of different lengths, prefills them, then decodes one token per step with a KV cache
-(``decode="kv"``, what engines do) or by re-running the full forward over the whole sequence each step
-(``decode="recompute"``: the trainer's computation, token for token -- slow, used to align rollout and trainer).
+(``decode="kv"``, what engines do) or by re-running the trainer's full forward each step over the whole fixed-width
+buffer, future slots masked (``decode="recompute"``): every step then computes in exactly the shapes of the trainer's
+forward over the finished sequences, so row-invariant kernels give the trainer's numbers bit for bit. It costs a
+full forward per token; it is the alignment ``rl=on`` can buy beyond the fp32 gate.
 It returns the tokens, the logprob of each sampled token under the model's (temperature-1) distribution as computed
 while decoding, and the top-k experts every MoE layer chose at the position that produced each token.
 """
@@ -25,6 +27,7 @@ class Generation:
     routing: torch.Tensor  # [B, N, moe_layers, k] experts chosen at the position that produced each token
     lengths: torch.Tensor  # [B] generated tokens per row, the stop token included
     prompts: list[list[int]]
+    width: int  # prompt + generation buffer width the rollout computed in (the trainer recompute reuses it)
 
     def sequences(self) -> list[list[int]]:
         """Prompt + generated tokens of each row, unpadded."""
@@ -82,21 +85,23 @@ def generate(
 
     end = longest
     for step in range(max_new_tokens):
-        start = end - 1 if (cache is not None and step > 0) else 0
-        if cache is not None:
-            cache.length = start
-        window = ids[:, start:end]
-        positions, mask = positions_and_mask(real[:, :end], end - start)
+        if cache is not None:  # prefill the prompts, then one token a step
+            start = cache.length = end - 1 if step > 0 else 0
+            window, last = ids[:, start:end], -1
+            positions, mask = positions_and_mask(real[:, :end], end - start)
+        else:  # the whole buffer every step, not-yet-generated slots masked out
+            window, last = ids, end - 1
+            positions, mask = positions_and_mask(real, total)
         routing: list = []
         h = model.hidden_states(window, position_ids=positions, cache=cache, attn_mask=mask, routing=routing)
-        logits = (h[:, -1] @ model.output_weight.t()).float()
+        logits = (h[:, last] @ model.output_weight.t()).float()
         token = _sample(logits, temperature, top_p, gen)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         logprob = logits.log_softmax(-1).gather(1, token[:, None]).squeeze(1)
         out_tokens[:, step] = token
         out_logprobs[:, step] = torch.where(done, 0.0, logprob)
         if routing:
-            out_routing.append(torch.stack([r[:, -1] for r in routing], dim=1))  # [B, layers, k]
+            out_routing.append(torch.stack([r[:, last] for r in routing], dim=1))  # [B, layers, k]
         lengths += (~done).long()
         ids[:, end] = token
         real[:, end] = ~done
@@ -110,7 +115,7 @@ def generate(
         if out_routing
         else torch.zeros((B, n, 0, 0), dtype=torch.long, device=device)
     )
-    return Generation(out_tokens[:, :n], out_logprobs[:, :n], routing_t, lengths, [list(p) for p in prompts])
+    return Generation(out_tokens[:, :n], out_logprobs[:, :n], routing_t, lengths, [list(p) for p in prompts], total)
 
 
 def left_padded(prompts: Sequence[Sequence[int]], total: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

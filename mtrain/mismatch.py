@@ -1,0 +1,89 @@
+"""Train-rollout mismatch: recompute rollout tokens with the trainer's full forward and compare.
+
+The rollout side decodes token by token (``mtrain.models.generate``); the trainer side runs one full-sequence forward
+over the same tokens. Both record the logprob of every generated token and the top-k experts every MoE layer chose at
+the position that produced it. :func:`mismatch_metrics` turns the two into the numbers RL practitioners watch
+(logprob / probability differences, KL k1 and k3, perplexity ratio, probability correlation, routing disagreement).
+No Lightning or Hydra here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mtrain.models.generate import Generation, left_padded, positions_and_mask
+from mtrain.models.transformer import MoECausalLM
+
+
+@torch.no_grad()
+def trainer_recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One full forward over prompt + generated tokens, in the rollout's left-padded layout and buffer width: the
+    logprob [B, N] of every generated token and the routing [B, N, moe_layers, k] at the position that produced it."""
+    device = model.output_weight.device
+    B, N = gen.tokens.shape
+    longest = max(len(p) for p in gen.prompts)
+    ids, real = left_padded(gen.prompts, gen.width, pad_id, device)
+    ids[:, longest : longest + N] = gen.tokens.to(device)
+    real[:, longest : longest + N] = torch.arange(N, device=device)[None, :] < gen.lengths.to(device)[:, None]
+    positions, mask = positions_and_mask(real, gen.width)
+    routing: list = []
+    h = model.hidden_states(ids, position_ids=positions, attn_mask=mask, routing=routing)
+    producing = slice(longest - 1, longest - 1 + N)  # the position before each generated token
+    logits = (h[:, producing] @ model.output_weight.t()).float()
+    logprobs = logits.log_softmax(-1).gather(-1, ids[:, longest : longest + N, None]).squeeze(-1)
+    routing_t = torch.stack([r[:, producing] for r in routing], dim=2) if routing else gen.routing.new_zeros(B, N, 0, 0)
+    return logprobs, routing_t
+
+
+def mismatch_metrics(
+    rollout_lp: torch.Tensor,
+    trainer_lp: torch.Tensor,
+    rollout_routing: torch.Tensor,
+    trainer_routing: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[dict, list[dict]]:
+    """Aggregate metrics and one row per generated token. Logprobs [B, N]; routing [B, N, L, k]; lengths [B]."""
+    B, N = rollout_lp.shape
+    valid = torch.arange(N, device=lengths.device)[None, :] < lengths[:, None]
+    r, t = rollout_lp[valid].double(), trainer_lp[valid].double()
+    p_r, p_t = r.exp(), t.exp()
+    log_ratio = t - r  # log(trainer / rollout), tokens sampled from the rollout policy
+    differs = (rollout_routing.sort(-1).values != trainer_routing.sort(-1).values).any(-1)  # [B, N, L]
+    layers = differs.shape[-1]
+    per_layer = differs[valid].double().mean(0) if layers else torch.zeros(0, dtype=torch.float64)
+    n = int(valid.sum())
+    metrics = {
+        "tokens": n,
+        "logprob_abs_diff_mean": (r - t).abs().mean().item(),
+        "logprob_abs_diff_max": (r - t).abs().max().item(),
+        "prob_abs_diff_mean": (p_r - p_t).abs().mean().item(),
+        "prob_abs_diff_max": (p_r - p_t).abs().max().item(),
+        "kl_k1": (-log_ratio).mean().item(),
+        "kl_k3": (log_ratio.exp() - 1 - log_ratio).mean().item(),
+        "log_ppl_diff": ((-r).mean() - (-t).mean()).item(),
+        "ppl_ratio": math.exp(((-t).mean() - (-r).mean()).item()),
+        "prob_pearson": _pearson(p_r, p_t),
+        "routing_disagreement": per_layer.mean().item() if layers else 0.0,
+        "routing_disagreement_per_layer": [round(x, 6) for x in per_layer.tolist()],
+        "tokens_any_layer_differs": differs.any(-1)[valid].double().mean().item() if layers else 0.0,
+    }
+    rows = []
+    for b in range(B):
+        for i in range(int(lengths[b])):
+            rows.append({
+                "sequence": b,
+                "position": i,
+                "rollout_logprob": rollout_lp[b, i].item(),
+                "trainer_logprob": trainer_lp[b, i].item(),
+                "abs_diff": abs(rollout_lp[b, i].item() - trainer_lp[b, i].item()),
+                "layers_differ": int(differs[b, i].sum()) if layers else 0,
+            })
+    return metrics, rows
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() < 2 or a.std() == 0 or b.std() == 0:
+        return 1.0 if torch.equal(a, b) else float("nan")
+    return torch.corrcoef(torch.stack([a, b]))[0, 1].item()

@@ -1,0 +1,180 @@
+"""``task=mismatch``: how far the rollout engine's numbers are from the trainer's, with and without ``rl=on``.
+
+Two precision profiles over the same weights:
+
+* **rollout** -- what an inference engine runs: gate precision from the RL decision (model dtype unless
+  ``FD_ENABLE_RL`` / ``rl=on``), RoPE likewise, KV-cache decoding. Under ``rl=on`` the rollout also decodes with the
+  trainer's computation (``task.rollout_decode=auto`` -> ``recompute``): each step is the trainer's full forward over
+  the fixed-width buffer, so rollout and trainer compute in the same shapes.
+* **trainer** -- one full-sequence forward, gate fp32 by default (Megatron's ``moe_router_dtype=fp32``).
+
+The rollout generates from prompts (the built-in task or a JSONL file), the trainer recomputes the same tokens, and
+``mtrain.mismatch.mismatch_metrics`` compares them. Writes ``metrics.json``, ``tokens.csv``,
+``logprob_diff_hist.png`` and ``routing_disagreement.png`` into the run dir.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mtrain.config import ConfigError, job_dir, prepare_run
+from mtrain.data import DataError, build_datamodule, load_tokenizer
+from mtrain.mismatch import mismatch_metrics, trainer_recompute
+from mtrain.models import build_model
+from mtrain.models.generate import generate
+from mtrain.tasks.common import model_from_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MismatchTask:
+    name: str = "mismatch"
+    prompts_path: Optional[str] = None  # JSONL with {"prompt": ...} per line; null = the built-in task's val prompts
+    num_prompts: int = 32
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    rollout_decode: str = "auto"  # auto (recompute under rl=on, else kv) | kv | recompute
+    trainer_gate_fp32: bool = True  # the trainer profile's gate (Megatron: fp32)
+    trainer_rope_fp32: Optional[bool] = None  # null: the run's decision (model.rope_fp32)
+    device: str = "auto"  # auto | cpu | cuda
+
+
+def task_config(cfg: DictConfig) -> MismatchTask:
+    raw = OmegaConf.to_container(cfg.task, resolve=True)
+    try:
+        task = MismatchTask(**raw)  # type: ignore[arg-type]
+    except TypeError as e:
+        known = ", ".join(f.name for f in dataclasses.fields(MismatchTask))
+        raise ConfigError(f"task (mismatch): {e}; known keys: {known}") from None
+    if task.rollout_decode not in ("auto", "kv", "recompute"):
+        raise ConfigError(f"task.rollout_decode={task.rollout_decode!r}: use auto, kv or recompute")
+    return task
+
+
+def _prompts(cfg: DictConfig, task: MismatchTask) -> tuple[list[list[int]], object, int, list[int]]:
+    """Token-id prompts, the tokenizer, pad id and stop ids."""
+    tokenizer = load_tokenizer(cfg.model.checkpoint) if cfg.model.checkpoint else None
+    dm = build_datamodule(cfg.data, tokenizer=tokenizer)
+    if task.prompts_path is None:
+        dm.setup()
+        texts = [ex["prompt"] for ex in dm.val_examples]
+    else:
+        path = Path(task.prompts_path)
+        if not path.is_file():
+            raise ConfigError(f"task.prompts_path={path} does not exist; give a JSONL file with one {{\"prompt\": ...}} a line")
+        texts = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ConfigError(f"{path}:{n}: expected a JSON object with a \"prompt\" string") from None
+    if not texts:
+        raise ConfigError("task=mismatch found no prompts; check data or task.prompts_path")
+    prompts = [dm.encode_prompt(t) for t in texts[: task.num_prompts]]
+    eos = [dm.eos_id] if dm.eos_id is not None else []
+    return prompts, dm, dm.pad_id, eos
+
+
+def run(cfg: DictConfig) -> dict:
+    cfg, plan = prepare_run(cfg)
+    task = task_config(cfg)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if task.device == "auto" else task.device
+    if plan.moe_gate_fp32 or task.trainer_gate_fp32:
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 gate GEMM must be real fp32
+    torch.manual_seed(cfg.seed)
+    try:
+        prompts, dm, pad_id, eos = _prompts(cfg, task)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    decode = task.rollout_decode if task.rollout_decode != "auto" else ("recompute" if plan.rl else "kv")
+
+    rollout = model_from_config(cfg.model, device=device, vocab_size=dm.vocab_size, seed=cfg.seed).eval()
+    trainer_rope = cfg.model.rope_fp32 if task.trainer_rope_fp32 is None else task.trainer_rope_fp32
+    trainer = build_model(
+        rollout.config, dtype=cfg.model.dtype, device=device, moe_gate_fp32=task.trainer_gate_fp32,
+        rope_fp32=bool(trainer_rope), init=False,
+    ).eval()
+    trainer.load_state_dict(rollout.state_dict())  # same weights; a bf16 gate is upcast exactly
+
+    start = time.perf_counter()
+    gen = generate(
+        rollout, prompts, max_new_tokens=task.max_new_tokens, eos_ids=eos, pad_id=pad_id,
+        temperature=task.temperature, top_p=task.top_p, seed=task.seed, decode=decode,
+    )
+    if device == "cuda":
+        torch.cuda.synchronize()
+    rollout_s = time.perf_counter() - start
+    start = time.perf_counter()
+    trainer_lp, trainer_routing = trainer_recompute(trainer, gen, pad_id)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    trainer_s = time.perf_counter() - start
+    metrics, rows = mismatch_metrics(gen.logprobs, trainer_lp, gen.routing, trainer_routing, gen.lengths)
+    metrics |= {
+        "rollout_profile": f"gate {'fp32' if rollout.moe_gate_fp32 else cfg.model.dtype}, "
+        f"rope {'fp32' if rollout.rope_fp32 else cfg.model.dtype}, decode={decode}",
+        "trainer_profile": f"gate {'fp32' if task.trainer_gate_fp32 else cfg.model.dtype}, "
+        f"rope {'fp32' if trainer_rope else cfg.model.dtype}, full forward",
+        "rollout_tokens_per_s": metrics["tokens"] / rollout_s,
+        "trainer_tokens_per_s": metrics["tokens"] / trainer_s,
+        "device": device,
+        "dtype": cfg.model.dtype,
+    }
+    out = job_dir()
+    _write(out, metrics, rows)
+    del rollout, trainer
+    log.info(
+        "mismatch (%s): routing disagreement %.4f, tokens with any layer differing %.4f, |dlogprob| mean %.2e max %.2e",
+        plan.summary(), metrics["routing_disagreement"], metrics["tokens_any_layer_differs"],
+        metrics["logprob_abs_diff_mean"], metrics["logprob_abs_diff_max"],
+    )
+    print(f"mismatch results in {out}: metrics.json, tokens.csv, logprob_diff_hist.png, routing_disagreement.png")
+    return metrics
+
+
+def _write(out: Path, metrics: dict, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(out / "tokens.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["sequence"])
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diffs = [r["abs_diff"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(diffs, bins=50, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("|rollout logprob - trainer logprob|")
+    ax.set_ylabel("tokens")
+    ax.set_title(f"{metrics['rollout_profile']}\nvs trainer: {metrics['trainer_profile']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "logprob_diff_hist.png", dpi=120)
+    plt.close(fig)
+
+    per_layer = metrics["routing_disagreement_per_layer"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(range(len(per_layer)), [100 * x for x in per_layer], color="tab:orange")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("routing disagreement (%)")
+    ax.set_title(f"top-k expert set differs, mean {100 * metrics['routing_disagreement']:.2f}%", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "routing_disagreement.png", dpi=120)
+    plt.close(fig)
