@@ -15,6 +15,7 @@ The rollout generates from prompts (the built-in task or a JSONL file), the trai
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -153,28 +154,33 @@ def _write(out: Path, metrics: dict, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["sequence"])
         writer.writeheader()
         writer.writerows(rows)
+    diffs = [r["abs_diff"] for r in rows]
+    per_layer = metrics["routing_disagreement_per_layer"]
+    with _figure(out / "logprob_diff_hist.png") as ax:
+        ax.hist(diffs, bins=50, color="tab:blue")
+        ax.set_yscale("log")
+        ax.set_xlabel("|rollout logprob - trainer logprob|")
+        ax.set_ylabel("tokens")
+        ax.set_title(f"{metrics['rollout_profile']}\nvs trainer: {metrics['trainer_profile']}", fontsize=8)
+    with _figure(out / "routing_disagreement.png") as ax:
+        ax.bar(range(len(per_layer)), [100 * x for x in per_layer], color="tab:orange")
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("routing disagreement (%)")
+        ax.set_title(f"top-k expert set differs, mean {100 * metrics['routing_disagreement']:.2f}%", fontsize=9)
+
+
+@contextlib.contextmanager
+def _figure(path: Path):
+    """One small matplotlib figure (headless Agg backend), saved to ``path`` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    diffs = [r["abs_diff"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(diffs, bins=50, color="tab:blue")
-    ax.set_yscale("log")
-    ax.set_xlabel("|rollout logprob - trainer logprob|")
-    ax.set_ylabel("tokens")
-    ax.set_title(f"{metrics['rollout_profile']}\nvs trainer: {metrics['trainer_profile']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "logprob_diff_hist.png", dpi=120)
-    plt.close(fig)
-
-    per_layer = metrics["routing_disagreement_per_layer"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(range(len(per_layer)), [100 * x for x in per_layer], color="tab:orange")
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel("routing disagreement (%)")
-    ax.set_title(f"top-k expert set differs, mean {100 * metrics['routing_disagreement']:.2f}%", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "routing_disagreement.png", dpi=120)
-    plt.close(fig)
+    try:
+        yield ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
