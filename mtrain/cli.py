@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import importlib.resources
+import json
 import logging
 import os
 import sys
@@ -18,7 +19,15 @@ import hydra
 from omegaconf import DictConfig
 
 from mtrain.config import ENV_VAR, ConfigError, job_dir, parse_fd_enable_rl, prepare_run, save_resolved
+from mtrain.models.checkpoint import CheckpointError
 from mtrain.tasks import get_task
+
+
+def _user_error(e: BaseException) -> bool:
+    """An error in what the user asked for (config, data, checkpoint): one line on stderr, exit 2, no traceback.
+    ``mtrain.data`` is looked up only if a task imported it (importing it imports Lightning: slow for --cfg/info)."""
+    data = sys.modules.get("mtrain.data.config")
+    return isinstance(e, (ConfigError, CheckpointError)) or (data is not None and isinstance(e, data.DataError))
 
 log = logging.getLogger("mtrain")
 
@@ -67,7 +76,11 @@ def run_job(cfg: DictConfig) -> dict:
         out = job_dir()
         path = save_resolved(resolved, out)
         log.info("task=%s, run dir %s (resolved config: %s)", resolved.task.name, out, path.name)
-        return get_task(resolved.task.name)(resolved)
+        result = get_task(resolved.task.name)(resolved)
+        metrics = out / "metrics.json"
+        if isinstance(result, dict) and not metrics.exists():  # every job leaves its results for the sweep summary
+            metrics.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        return result
     finally:
         # rl=on exports FD_ENABLE_RL=1 for this job only; the next job of a multirun must see the user's value.
         if saved_env is None:
@@ -81,10 +94,16 @@ def run_job(cfg: DictConfig) -> dict:
 def _hydra_main(cfg: DictConfig) -> Optional[dict]:
     try:
         return run_job(cfg)
-    except ConfigError as e:
+    except Exception as e:
+        if not _user_error(e):
+            raise
         _error(e)
         if _multirun():
-            raise  # Hydra records the job as failed, runs the others, then reports
+            # Hydra records the job as failed (the sweep summary shows it), runs the others, then reports;
+            # as a ConfigError (a compact Hydra exception) the report is this one line, not a traceback.
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(str(e)) from e
         sys.exit(2)
 
 

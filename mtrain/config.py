@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import CompactHydraException
@@ -88,6 +88,8 @@ class TrainerConfig:
 
     accelerator: str = "cpu"
     devices: Any = 1  # int, list of ints or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
     precision: str = "32-true"
     max_steps: int = 100
     val_check_interval: Any = 50  # int: every N training batches; float: fraction of an epoch
@@ -109,6 +111,48 @@ class InfoTaskConfig(TaskConfig):
 
 
 @dataclass
+class ModelTaskConfig(TaskConfig):
+    """What every model-running task shares: speed settings and the greedy exact-match accuracy."""
+
+    compile: bool = True  # torch.compile each decoder layer (CUDA only; CPU stays eager)
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; null = from the GPU's name (H100/H200 bf16: 989), 0 = no MFU
+    accuracy: Optional[bool] = None  # exact-match accuracy of greedy answers on the val examples; null = synthetic data only
+    max_accuracy_examples: int = 1000  # at most this many val examples are generated for
+    gen_batch_size: int = 256  # prompts decoded together
+    max_new_tokens: Optional[int] = None  # null: longest reference answer + 2
+
+
+@dataclass
+class SFTTaskConfig(ModelTaskConfig):
+    """``task=sft``: supervised fine-tuning (steps, clipping and accumulation come from ``trainer``)."""
+
+    name: str = "sft"
+    lr: float = 3e-3  # peak learning rate
+    warmup_steps: int = 50  # linear warm-up from 0 to lr over these optimizer steps
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at trainer.max_steps
+    weight_decay: float = 0.0  # AdamW decoupled decay on matrices only (never norms, biases, router bias)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    ckpt_path: Optional[str] = None  # a Lightning .ckpt to resume from (weights, optimizer, scheduler, step)
+    export: bool = True  # write <run dir>/hf_model (HF format + tokenizer) at the end
+    accuracy_before: bool = True  # also measure accuracy before training (the random/initial model)
+    save_top_k: int = 1  # best checkpoints kept by val/loss (plus last.ckpt)
+
+
+@dataclass
+class EvalTaskConfig(ModelTaskConfig):
+    """``task=eval``: mean token loss / perplexity, tokens/s, optional per-token logprobs and accuracy."""
+
+    name: str = "eval"
+    split: str = "auto"  # auto (val if there is one, else train) | val | train
+    max_batches: Optional[int] = None  # evaluate only the first N batches
+    save_logprobs: bool = False  # write <run dir>/token_logprobs.jsonl (one line per row of each batch)
+
+
+TASK_SCHEMAS: dict[str, type[TaskConfig]] = {"info": InfoTaskConfig, "sft": SFTTaskConfig, "eval": EvalTaskConfig}
+
+
+@dataclass
 class MTrainConfig:
     model: ModelConfig = MISSING
     rl: RLConfig = field(default_factory=RLConfig)
@@ -124,7 +168,8 @@ def register_schemas() -> None:
     cs.store(name="mtrain_schema", node=MTrainConfig)
     for name, node in MODEL_SCHEMAS.items():
         cs.store(group="schema/model", name=name, node=node)
-    cs.store(group="schema/task", name="info", node=InfoTaskConfig)
+    for name, node in TASK_SCHEMAS.items():
+        cs.store(group="schema/task", name=name, node=node)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,9 +435,11 @@ register_schemas()
 __all__ = [
     "ConfigError",
     "ENV_VAR",
+    "EvalTaskConfig",
     "MTrainConfig",
     "ModelConfig",
     "PrecisionPlan",
+    "SFTTaskConfig",
     "TrainerConfig",
     "decide_precision",
     "dtype_for_precision",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def test_cfg_job_resolve(cli, args, env, gate):
 
 def test_single_run_writes_resolved_config(cli, tmp_path):
     run_dir = tmp_path / "run"
-    r = cli("rl=on", "model=qwen3_moe", f"hydra.run.dir={run_dir}")
+    r = cli("rl=on", "model=qwen3_moe", "task=info", f"hydra.run.dir={run_dir}")
     assert r.returncode == 0, r.stderr
     assert "precision: moe_gate_fp32=true [rl=on], rope_fp32=true [rl=on]" in r.stdout
     saved = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
@@ -68,16 +69,22 @@ def test_multirun_four_jobs(cli, tmp_path):
         assert (job / "info.json").is_file()
     assert seen == {(rl, m) for rl in ("on", "off") for m in ("glm4_moe", "qwen3_moe")}
     assert not (tmp_path / "outputs").exists()
+    # the sweep summary: one row per job, with what each job returned (task=info: its info dict)
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3"] and {r["status"] for r in rows} == {"ok"}
+    assert {(r["rl"], r["model"], r["moe_gate_fp32"]) for r in rows} == {
+        (rl, m, str(rl == "on")) for rl in ("on", "off") for m in ("glm4_moe", "qwen3_moe")
+    }
 
 
 def test_multirun_failing_job_does_not_stop_the_sweep(cli, tmp_path):
     sweep = tmp_path / "sweep"
-    r = cli("-m", "model.dtype=float64,float32", f"hydra.sweep.dir={sweep}")
+    r = cli("-m", "model.dtype=float64,float32", "task=info", f"hydra.sweep.dir={sweep}")
     assert r.returncode != 0
     assert "mtrain: error: model.dtype='float64'" in r.stderr
     assert "Traceback" not in r.stderr
     done = [p for p in sweep.iterdir() if (p / "config_resolved.yaml").is_file()]
-    assert [p.name for p in done] == ["1_model.dtype=float32"]
+    assert [p.name for p in done] == ["1_model.dtype=float32,task=info"]
 
 
 @pytest.mark.parametrize(
@@ -103,6 +110,7 @@ def test_config_errors_exit_nonzero_naming_the_key(cli, args, needle):
         (["rl=on"], {"FD_ENABLE_RL": "2"}, "mtrain: error: FD_ENABLE_RL='2' is not a valid switch"),
         (["model.name=qwen3_moe"], None, "mtrain: error: model.name='qwen3_moe' does not match"),
         (["model.dtype=float64"], None, "mtrain: error: model.dtype='float64' is not one of"),
+        (["data.task=nope"], None, "mtrain: error: data.task='nope' is not valid"),  # a DataError, from task=sft
     ],
 )
 def test_our_errors_are_one_line_exit_2(cli, tmp_path, args, env, first):

@@ -178,9 +178,9 @@ def test_compose_every_combination(monkeypatch, compose_config, rl, model, exper
     assert cfg.model.name == want_model
     assert OmegaConf.get_type(cfg.model.arch) is ARCH[want_model]
     assert cfg.rl.mode == want_rl
-    assert cfg.task.name == "info"
+    assert cfg.task.name == "sft"
     if experiment:
-        assert cfg.model.arch.hidden_size == 32 and cfg.trainer.max_steps == 20
+        assert cfg.model.arch.hidden_size == 64 and cfg.trainer.max_steps == 300
 
     resolved, plan = prepare_run(cfg, apply_env=False)
     want_gate = {"on": True, "off": False}.get(want_rl, env == "1")
@@ -195,7 +195,7 @@ def test_compose_every_combination(monkeypatch, compose_config, rl, model, exper
 def test_default_config_values(compose_config):
     cfg = compose_config()
     assert cfg.model.name == "glm4_moe" and cfg.model.checkpoint is None
-    assert cfg.rl.mode == "auto" and cfg.task.name == "info"
+    assert cfg.rl.mode == "auto" and cfg.task.name == "sft"
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "32-true"
     assert OmegaConf.is_interpolation(cfg.model, "moe_gate_fp32")
     assert cfg.model.moe_gate_fp32 is False and cfg.model.dtype == "float32"

@@ -149,13 +149,27 @@ class MTrainDataModule(L.LightningDataModule):
             num_workers=c.num_workers,
             persistent_workers=c.num_workers > 0,
             collate_fn=self._collator(),
-            drop_last=False,
+            # packed training rows all have max_length positions; dropping the last partial batch keeps every batch
+            # the same shape, so compiled layers are not recompiled at each epoch end (rows reshuffle every epoch)
+            drop_last=shuffle and c.packing and len(ds) >= c.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
         return self._loader(self.train_set, shuffle=True)
+
+    def eval_dataloader(self, split: str = "val") -> DataLoader:
+        """Unshuffled batches of ``split`` ("val" or "train") for evaluation; DataError if that split is empty."""
+        if self.train_set is None:
+            self.setup("validate")
+        if split not in ("val", "train"):
+            raise DataError(f"split={split!r}: use 'val' or 'train'")
+        ds = self.val_set if split == "val" else self.train_set
+        if ds is None:
+            raise DataError("there is no validation data. Fix: set data.val_path (or data.val_fraction > 0), or "
+                            "evaluate the train file with task.split=train.")
+        return self._loader(ds, shuffle=False)
 
     def val_dataloader(self) -> Union[DataLoader, List]:
         """Val batches in file order; ``[]`` (Lightning then skips validation) when there is no val data."""

@@ -14,6 +14,10 @@ from mtrain.config import ConfigError
 
 TASKS: dict[str, str] = {
     "info": "mtrain.tasks.info:run",
+    "sft": "mtrain.tasks.sft:run",
+    "eval": "mtrain.tasks.eval:run",
+    "mismatch": "mtrain.tasks.mismatch:run",
+    "export": "mtrain.tasks.export:run",
 }
 
 

@@ -1,0 +1,277 @@
+"""``MoELitModule``: an mtrain model as a LightningModule (causal-LM loss, AdamW + warm-up/cosine, throughput/MFU).
+
+The model is built BEFORE the module (``mtrain.tasks.common.model_from_config``), in the run's dtype with the run's
+gate policy, and handed in. Lightning's ``bf16-true`` plugin then casts the whole module with ``.to(bfloat16)``;
+``Router._apply`` keeps an fp32 gate fp32 through that, and :meth:`on_fit_start` checks it (building the model inside
+``configure_model`` would be wrong: the plugin sets the default dtype to bf16 there, so the gate would be BORN bf16).
+
+Logged: ``train/loss`` (each step), ``lr``, ``train/tokens_per_s`` and ``train/mfu`` (every ``log_every_n_steps``
+optimizer steps, over that window, validation time excluded; MFU only with a peak FLOP/s), ``val/loss`` and
+``val/ppl`` (token-weighted over the whole val set, summed across ranks).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import lightning as L
+import torch
+
+from mtrain.lit.flops import eval_flops_per_token, train_flops_per_token
+from mtrain.models import MoECausalLM
+from mtrain.models.loss import IGNORE_INDEX
+
+
+class WarmupCosine:
+    """LR factor: linear warm-up to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total`` steps, flat after.
+
+    A callable object (not a lambda), so ``LambdaLR.state_dict`` stores it and a resumed run gets the same schedule.
+    """
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = int(warmup), int(total), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if self.warmup > 0 and step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.total <= self.warmup:
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / (self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Parameters AdamW must not decay: norms, biases, router bias, any vector."""
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name or "e_score_correction_bias" in name
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (keep if no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def token_logprobs(model: MoECausalLM, input_ids: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """fp32 log-probability of each target [B, S] (0 where the target is ignored), from model-dtype logits
+    computed ``chunk`` positions at a time (as the training loss does), so a 150k vocabulary fits."""
+    h = model.hidden_states(input_ids).flatten(0, 1)
+    t = targets.flatten()
+    w = model.output_weight
+    out = torch.zeros(t.shape, dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        logits = (h[s : s + chunk] @ w.t()).float()
+        tc = t[s : s + chunk]
+        lp = logits.log_softmax(-1).gather(1, tc.clamp(min=0)[:, None]).squeeze(1)
+        out[s : s + chunk] = torch.where(tc != IGNORE_INDEX, lp, 0.0)
+    return out.view(targets.shape)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MoELitModule(L.LightningModule):
+    """Fine-tunes / evaluates ``model`` (an ``MoECausalLM``).
+
+    ``peak_tflops``: per-device peak for MFU (0 = don't log MFU). ``logprob_sink``: if set, validation computes
+    per-token logprobs and calls ``logprob_sink(batch, logprobs)`` for every batch (``task=eval``).
+    """
+
+    def __init__(
+        self,
+        model: MoECausalLM,
+        *,
+        lr: float = 3e-3,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float = 0.1,
+        betas: Sequence[float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        peak_tflops: float = 0.0,
+        logprob_sink: Optional[Callable[[dict, torch.Tensor], None]] = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.lr, self.warmup_steps, self.min_lr_ratio = lr, warmup_steps, min_lr_ratio
+        self.weight_decay, self.betas, self.eps = weight_decay, tuple(betas), eps
+        self.peak_tflops = float(peak_tflops or 0.0)
+        self.logprob_sink = logprob_sink
+        # results, read by the tasks after fit/validate
+        self.history: dict[str, list] = {"train": [], "val": []}  # (global step, loss)
+        self.last_val: Optional[dict[str, float]] = None
+        self.train_tokens = 0
+        self.train_flops = 0.0
+        self.train_seconds = 0.0
+        self._reset_window()
+        self._fit_t0: Optional[float] = None
+        self._val_time = 0.0
+        self._steady: Optional[tuple[float, int, float]] = None  # (time, tokens, val time) after the first step
+        self.steady_tokens_per_s: Optional[float] = None  # training throughput without the first step (compile)
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def check_gate_policy(self) -> None:
+        """The gate precision decided for the run must have survived the precision plugin."""
+        gate = self.model.gate_dtype()
+        if self.model.moe_gate_fp32 and gate not in (None, torch.float32):
+            raise RuntimeError(f"moe_gate_fp32 is on but the router gate is {gate} after the precision plugin ran")
+
+    def on_fit_start(self) -> None:
+        self.check_gate_policy()
+
+    def on_validation_start(self) -> None:
+        self.check_gate_policy()
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        fused = all(p.is_cuda for p in self.model.parameters())
+        opt = torch.optim.AdamW(
+            param_groups(self.model, self.weight_decay), lr=self.lr, betas=self.betas, eps=self.eps,
+            **({"fused": True} if fused else {}),
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(self.warmup_steps, total, self.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model.loss(batch["input_ids"], batch["targets"])
+        self.history["train"].append((self.global_step + 1, loss.detach()))
+        self.log("train/loss", loss, prog_bar=True)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            self.log("lr", sched.get_last_lr()[0])
+        return loss
+
+    def _reset_window(self) -> None:
+        self._win_t0: Optional[float] = None
+        self._win_tokens = 0
+        self._win_flops = 0.0
+        self._win_steps = 0
+        self._win_paused = 0.0
+        self._last_step = -1
+        self._tps: Optional[float] = None
+        self._mfu: Optional[float] = None
+
+    def on_train_start(self) -> None:
+        self._reset_window()
+        self._last_step = self.global_step
+        _sync(self.device)
+        self._fit_t0 = time.perf_counter()
+        self._val_time = 0.0
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self._win_t0 is None:
+            _sync(self.device)
+            self._win_t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        ids = batch["input_ids"]
+        n = ids.numel()
+        flops = n * train_flops_per_token(self.model.config, ids.shape[1])
+        self.train_tokens += n
+        self.train_flops += flops
+        self._win_tokens += n
+        self._win_flops += flops
+        if self.global_step != self._last_step:  # an optimizer step happened in this batch
+            self._last_step = self.global_step
+            self._win_steps += 1
+            if self._steady is None:
+                _sync(self.device)
+                self._steady = (time.perf_counter(), self.train_tokens, self._val_time)
+            if self._win_steps >= max(1, self.trainer.log_every_n_steps):
+                _sync(self.device)
+                dt = time.perf_counter() - self._win_t0 - self._win_paused
+                if dt > 0:
+                    self._tps = self._win_tokens / dt
+                    self._mfu = self._win_flops / dt / (self.peak_tflops * 1e12) if self.peak_tflops > 0 else None
+                self._win_t0, self._win_tokens, self._win_flops = None, 0, 0.0
+                self._win_steps, self._win_paused = 0, 0.0
+        if self._tps is not None:
+            self.log("train/tokens_per_s", self._tps)
+            if self._mfu is not None:
+                self.log("train/mfu", self._mfu)
+
+    def on_train_end(self) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        if self._fit_t0 is not None:
+            self.train_seconds = now - self._fit_t0 - self._val_time
+        if self._steady is not None:
+            t0, tokens0, val0 = self._steady
+            dt = now - t0 - (self._val_time - val0)
+            if dt > 0 and self.train_tokens > tokens0:
+                self.steady_tokens_per_s = (self.train_tokens - tokens0) / dt
+
+    # -- validation (also task=eval) -----------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        _sync(self.device)
+        self._val_t0 = time.perf_counter()
+        self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_count = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._val_tokens = 0
+        self._val_flops = 0.0
+        self._val_first: Optional[tuple[float, int]] = None  # (time, tokens) after the first batch (warm-up, compile)
+
+    def on_validation_batch_end(self, outputs: Any, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._val_first is None:
+            _sync(self.device)
+            self._val_first = (time.perf_counter(), self._val_tokens)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        ids, targets = batch["input_ids"], batch["targets"]
+        count = (targets != IGNORE_INDEX).sum()
+        if self.logprob_sink is not None:
+            lp = token_logprobs(self.model, ids, targets)
+            loss_sum = -lp.double().sum()
+            self.logprob_sink(batch, lp)
+        else:
+            loss_sum = self.model.loss(ids, targets).double() * count
+        self._val_sum += loss_sum.detach()
+        self._val_count += count
+        self._val_tokens += ids.numel()
+        self._val_flops += ids.numel() * eval_flops_per_token(self.model.config, ids.shape[1])
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        _sync(self.device)
+        seconds = time.perf_counter() - self._val_t0
+        if self.trainer.state.fn == "fit":
+            self._val_time += seconds
+            if self._win_t0 is not None:
+                self._win_paused += seconds
+        loss = float(total / count.clamp(min=1))
+        self.log("val/loss", loss)
+        self.log("val/ppl", math.exp(min(loss, 80.0)))
+        if self.trainer.sanity_checking:
+            return
+        stats = {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 80.0)),
+            "target_tokens": int(count),
+            "tokens": self._val_tokens,
+            "seconds": seconds,
+            "tokens_per_s": self._val_tokens / seconds if seconds > 0 else float("nan"),
+            "step": self.global_step,
+        }
+        if self._val_first is not None and self._val_tokens > self._val_first[1]:
+            t1, tok1 = self._val_first
+            stats["tokens_per_s_steady"] = (self._val_tokens - tok1) / max(time.perf_counter() - t1, 1e-9)
+        if self.peak_tflops > 0 and seconds > 0:
+            stats["mfu"] = self._val_flops / seconds / (self.peak_tflops * 1e12)
+        self.last_val = stats
+        if self.trainer.state.fn == "fit":
+            self.history["val"].append((self.global_step, loss))
+
+    # -- results -------------------------------------------------------------------------------------------------
+    def train_losses(self) -> list[tuple[int, float]]:
+        """(global step, loss) of every training batch of this run, as floats."""
+        return [(s, float(v)) for s, v in self.history["train"]]

@@ -1,0 +1,144 @@
+"""``task=sft``: supervised fine-tuning of an MoE model with Lightning.
+
+data -> model (``model.checkpoint`` or random init) -> [accuracy before] -> fit (AdamW, warm-up + cosine, clipping
+and accumulation from ``trainer``, val loss, checkpoints last + best, resume from ``task.ckpt_path``) -> final val
+loss -> [accuracy after] -> HF export -> ``metrics.json``, ``loss_curve.png``, CSV (+TensorBoard) logs.
+
+Loss: mean cross-entropy over target tokens only; prompt/response data (the synthetic task, JSONL with
+``prompt``/``response``) has targets on the response (and eos) only, so the prompt never reaches the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from mtrain.config import job_dir, prepare_run
+from mtrain.lit import LossCurve, MoELitModule, build_setup, build_trainer, configure_backends, greedy_accuracy, peak_tflops
+from mtrain.lit.setup import export_hf, write_json
+
+log = logging.getLogger("mtrain")
+
+LAST_K = 10  # train_loss_last = mean of the last LAST_K training batches
+
+
+def accuracy_examples(cfg: DictConfig, dm) -> list:
+    """The val examples to score greedy answers on (``task.accuracy``: null = synthetic data only)."""
+    want = cfg.task.accuracy if cfg.task.accuracy is not None else dm.is_synthetic
+    if not want:
+        return []
+    if not dm.val_examples:
+        log.warning("task.accuracy: the val split has no prompt/response examples; accuracy skipped")
+    return dm.val_examples[: cfg.task.max_accuracy_examples]
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    cfg, plan = prepare_run(cfg)  # no-op when the CLI already prepared it
+    t = cfg.task
+    out = job_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, verbose=False)
+
+    s = build_setup(cfg)
+    dm, model = s.datamodule, s.model
+    configure_backends(plan.moe_gate_fp32, s.cuda)
+    examples = accuracy_examples(cfg, dm)
+    gen_kw = dict(batch_size=t.gen_batch_size, max_new_tokens=t.max_new_tokens, device=s.device)
+
+    metrics: dict[str, Any] = {
+        "task": "sft",
+        "model": cfg.model.name,
+        "checkpoint": cfg.model.checkpoint,
+        "dtype": cfg.model.dtype,
+        "moe_gate_fp32": plan.moe_gate_fp32,
+        "resumed_from": t.ckpt_path,
+    }
+    if examples and t.accuracy_before and not t.ckpt_path:
+        metrics["val_accuracy_before"] = greedy_accuracy(model, dm, examples, **gen_kw)["accuracy"]
+
+    if t.compile and s.cuda:
+        model.compile_layers()
+    lit = MoELitModule(
+        model, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
+        betas=tuple(t.betas), eps=t.eps, peak_tflops=peak_tflops(t.peak_tflops, s.cuda),
+    )
+    has_val = dm.val_set is not None
+    curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
+    trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], save_top_k=t.save_top_k)
+    trainer.fit(lit, datamodule=dm, ckpt_path=t.ckpt_path)
+
+    if has_val and (lit.last_val is None or lit.last_val["step"] != trainer.global_step):
+        trainer.validate(lit, datamodule=dm, verbose=False)  # the final weights' val loss
+        lit.history["val"].append((trainer.global_step, lit.last_val["loss"]))
+        if trainer.is_global_zero:
+            curve.write(lit)
+
+    losses = [v for _, v in lit.train_losses()]
+    tail = losses[-LAST_K:]
+    metrics.update({
+        "steps": trainer.global_step,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": sum(tail) / len(tail) if tail else None,
+        "val_loss": lit.last_val["loss"] if lit.last_val else None,
+        "val_ppl": lit.last_val["ppl"] if lit.last_val else None,
+        "train_tokens": lit.train_tokens,
+        "train_seconds": lit.train_seconds,
+        "tokens_per_s": lit.train_tokens / lit.train_seconds if lit.train_seconds > 0 else None,
+        "tokens_per_s_steady": lit.steady_tokens_per_s,  # without the first step (compile, warm-up)
+    })
+    if lit.peak_tflops > 0 and lit.train_seconds > 0:
+        metrics["mfu"] = lit.train_flops / lit.train_seconds / (lit.peak_tflops * 1e12)
+    if examples:
+        after = greedy_accuracy(model, dm, examples, **gen_kw)
+        metrics.update({"val_accuracy": after["accuracy"], "accuracy_examples": after["n"],
+                        "accuracy_samples": after["samples"]})
+
+    ckpt_cb = trainer.checkpoint_callback
+    files = {
+        "run_dir": str(out),
+        "metrics": str(out / "metrics.json"),
+        "loss_curve": str(curve.written) if curve.written else None,
+        "csv_log": str(Path(trainer.loggers[0].log_dir) / "metrics.csv"),
+        "checkpoints": str(out / "checkpoints"),
+        "best_checkpoint": ckpt_cb.best_model_path or None if ckpt_cb is not None else None,
+    }
+    if t.export and trainer.is_global_zero:
+        files["hf_model"] = str(export_hf(model, dm, s.tokenizer_from, out / "hf_model"))
+    metrics["wall_s"] = time.perf_counter() - t_start
+    metrics["files"] = files
+    if trainer.is_global_zero:
+        write_json(out / "metrics.json", metrics)
+        print_summary(metrics)
+    return metrics
+
+
+def print_summary(m: dict[str, Any]) -> None:
+    f = m["files"]
+    acc = ""
+    if "val_accuracy" in m:
+        acc = f", accuracy {_pct(m.get('val_accuracy_before'))} -> {_pct(m['val_accuracy'])} ({m['accuracy_examples']} val examples)"
+    val = f", val loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else ""
+    first, last = m.get("train_loss_first"), m.get("train_loss_last")
+    loss = f"train loss {first:.3f} -> {last:.3f}" if first is not None else "no training steps"
+    tps = m.get("tokens_per_s_steady") or m.get("tokens_per_s")
+    tps = f", {tps:,.0f} tokens/s" if tps else ""
+    print(f"\nmtrain sft: {m['steps']} steps in {m['wall_s']:.0f} s: {loss}{val}{acc}{tps}")
+    rows = [("run dir", f["run_dir"]), ("metrics", "metrics.json"), ("loss curve", "loss_curve.png" if f["loss_curve"] else None),
+            ("logs", "csv/metrics.csv"), ("checkpoints", "checkpoints/ (last.ckpt, best by val/loss)"),
+            ("HF model", "hf_model/" if f.get("hf_model") else None)]
+    for key, value in rows:
+        if value:
+            print(f"  {key:<12} {value}")
+    if f.get("hf_model"):
+        rl = " rl=on" if m.get("moe_gate_fp32") else ""
+        print(f"  evaluate it: python -m mtrain task=eval model={m['model']}{rl} model.checkpoint={f['hf_model']}")
