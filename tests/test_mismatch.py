@@ -129,7 +129,7 @@ def test_mismatch_task_writes_metrics_table_and_plots(tmp_path, monkeypatch, rl)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FD_ENABLE_RL", raising=False)
     cfg = compose_cfg(tmp_path, [f"rl={rl}", "task=mismatch", "model=qwen3_moe", "task.num_prompts=6",
-                                 "task.max_new_tokens=6", "model.dtype=bfloat16"])
+                                 "task.max_new_tokens=6"])
     metrics = run(cfg)
     for name in ("metrics.json", "tokens.csv", "logprob_diff_hist.png", "routing_disagreement.png"):
         assert (tmp_path / name).stat().st_size > 0, name

@@ -51,6 +51,7 @@ class MismatchTask:
     trainer_gate_fp32: bool = True  # the trainer profile's gate (Megatron: fp32)
     trainer_rope_fp32: Optional[bool] = None  # null: the run's decision (model.rope_fp32)
     device: str = "auto"  # auto | cpu | cuda
+    dtype: Optional[str] = "bfloat16"  # what rollout engines run; null = model.dtype
 
 
 def task_config(cfg: DictConfig) -> MismatchTask:
@@ -103,10 +104,11 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(str(e)) from None
     decode = task.rollout_decode if task.rollout_decode != "auto" else ("recompute" if plan.rl else "kv")
 
-    rollout = model_from_config(cfg.model, device=device, vocab_size=dm.vocab_size, seed=cfg.seed).eval()
+    dtype = task.dtype or cfg.model.dtype
+    rollout = model_from_config(cfg.model, device=device, vocab_size=dm.vocab_size, seed=cfg.seed, dtype=dtype).eval()
     trainer_rope = cfg.model.rope_fp32 if task.trainer_rope_fp32 is None else task.trainer_rope_fp32
     trainer = build_model(
-        rollout.config, dtype=cfg.model.dtype, device=device, moe_gate_fp32=task.trainer_gate_fp32,
+        rollout.config, dtype=dtype, device=device, moe_gate_fp32=task.trainer_gate_fp32,
         rope_fp32=bool(trainer_rope), init=False,
     ).eval()
     trainer.load_state_dict(rollout.state_dict())  # same weights; a bf16 gate is upcast exactly
@@ -126,14 +128,14 @@ def run(cfg: DictConfig) -> dict:
     trainer_s = time.perf_counter() - start
     metrics, rows = mismatch_metrics(gen.logprobs, trainer_lp, gen.routing, trainer_routing, gen.lengths)
     metrics |= {
-        "rollout_profile": f"gate {'fp32' if rollout.moe_gate_fp32 else cfg.model.dtype}, "
-        f"rope {'fp32' if rollout.rope_fp32 else cfg.model.dtype}, decode={decode}",
-        "trainer_profile": f"gate {'fp32' if task.trainer_gate_fp32 else cfg.model.dtype}, "
-        f"rope {'fp32' if trainer_rope else cfg.model.dtype}, full forward",
+        "rollout_profile": f"gate {'fp32' if rollout.moe_gate_fp32 else dtype}, "
+        f"rope {'fp32' if rollout.rope_fp32 else dtype}, decode={decode}",
+        "trainer_profile": f"gate {'fp32' if task.trainer_gate_fp32 else dtype}, "
+        f"rope {'fp32' if trainer_rope else dtype}, full forward",
         "rollout_tokens_per_s": metrics["tokens"] / rollout_s,
         "trainer_tokens_per_s": metrics["tokens"] / trainer_s,
         "device": device,
-        "dtype": cfg.model.dtype,
+        "dtype": dtype,
     }
     out = job_dir()
     _write(out, metrics, rows)
