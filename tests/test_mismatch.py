@@ -166,3 +166,28 @@ def test_export_task_writes_gate_in_the_decided_dtype(tmp_path, monkeypatch, cap
     with caplog.at_level(logging.WARNING):
         from_pretrained(tmp_path / "export", moe_gate_fp32=False)
     assert "exported with moe_gate_fp32=true" in caplog.text
+
+
+def test_mismatch_sweep_summary_tells_the_rl_story(tmp_path):
+    """`python -m mtrain -m task=mismatch rl=on,off model=glm4_moe,qwen3_moe`: for each model, rl=on shows zero
+    routing disagreement and logprob difference, rl=off does not."""
+    import csv
+
+    from conftest import run_cli
+
+    sweep = tmp_path / "sweep"
+    r = run_cli(["-m", "task=mismatch", "rl=on,off", "model=glm4_moe,qwen3_moe",
+                 f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 4
+
+    def row(model, rl):
+        (match,) = [r for r in rows if {f"model={model}", f"rl={rl}"} <= set(r["overrides"].split())]
+        return match
+
+    for model in ("glm4_moe", "qwen3_moe"):
+        on, off = row(model, "on"), row(model, "off")
+        assert on["status"] == off["status"] == "ok"
+        assert float(on["routing_disagreement"]) == 0.0 and float(on["logprob_abs_diff_max"]) == 0.0
+        assert float(off["routing_disagreement"]) > 0.0 and float(off["logprob_abs_diff_mean"]) > 0.0
