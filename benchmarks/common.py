@@ -10,6 +10,7 @@ import statistics
 
 import torch
 
+from mtrain.lit.flops import active_params_per_token
 from mtrain.models import build_model
 from mtrain.models.config import CONFIGS
 
@@ -100,23 +101,9 @@ def matmul_tflops(n: int = 8192) -> float:
     return 2 * n**3 / t / 1e12
 
 
-def active_params_per_token(cfg) -> int:
-    """Matmul parameters a token passes through: attention projections, router, dense MLP or top-k + shared experts,
-    lm_head (embedding lookups are not matmuls)."""
-    h, d = cfg.hidden_size, cfg.head_dim_
-    attn = h * d * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2)
-    total = cfg.vocab_size * h
-    for i in range(cfg.num_hidden_layers):
-        if cfg.is_moe_layer(i):
-            shared = getattr(cfg, "n_shared_experts", 0)
-            total += attn + h * cfg.num_experts + 3 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + shared)
-        else:
-            total += attn + 3 * h * cfg.intermediate_size
-    return total
-
-
 def flops_per_token(cfg, seq: int, train: bool) -> float:
-    """6 (train) or 2 (forward) x active params, plus causal attention (QK^T and AV over seq/2 keys on average)."""
+    """6 (train) or 2 (forward) x active matmul params (``mtrain.lit.flops``), plus causal attention: QK^T and AV
+    over seq/2 keys on average (the training MFU logged by ``task=sft`` counts the full seq, PaLM-style)."""
     mult = 6 if train else 2
     attn = 2 * 2 * cfg.num_attention_heads * cfg.head_dim_ * (seq / 2) * cfg.num_hidden_layers
     return mult * active_params_per_token(cfg) + (3 if train else 1) * attn
