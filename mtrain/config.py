@@ -89,7 +89,7 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1  # int, list of ints or "auto"
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # a Lightning strategy name, or fsdp2 (trainer=fsdp: mtrain.parallel, ModelParallelStrategy)
     precision: str = "32-true"
     max_steps: int = 100
     val_check_interval: Any = 50  # int: every N training batches; float: fraction of an epoch

@@ -13,6 +13,7 @@ import torch
 from mtrain.data import IGNORE, MTrainDataModule
 from mtrain.models import MoECausalLM
 from mtrain.models.generate import generate
+from mtrain.parallel import root_unsharded
 
 
 def _eager():
@@ -51,7 +52,7 @@ def greedy_accuracy(
     t0 = time.perf_counter()
     correct, samples = 0, []
     try:
-        with _eager():
+        with _eager(), root_unsharded(model):  # sharded (trainer=fsdp): every rank decodes the same prompts
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start : start + batch_size]
                 prompts = [dm.encode_prompt(e["prompt"]) for e in chunk]

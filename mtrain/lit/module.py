@@ -22,6 +22,8 @@ import torch
 from mtrain.lit.flops import eval_flops_per_token, train_flops_per_token
 from mtrain.models import MoECausalLM
 from mtrain.models.loss import IGNORE_INDEX
+from mtrain.parallel import root_unsharded
+from mtrain.parallel.lightning import FSDPPlan
 
 
 class WarmupCosine:
@@ -95,9 +97,11 @@ class MoELitModule(L.LightningModule):
         eps: float = 1e-8,
         peak_tflops: float = 0.0,
         logprob_sink: Optional[Callable[[dict, torch.Tensor], None]] = None,
+        sharding: Optional[FSDPPlan] = None,
     ):
         super().__init__()
         self.model = model
+        self.sharding = sharding  # trainer=fsdp: shard + fill the meta-device model in configure_model
         self.lr, self.warmup_steps, self.min_lr_ratio = lr, warmup_steps, min_lr_ratio
         self.weight_decay, self.betas, self.eps = weight_decay, tuple(betas), eps
         self.peak_tflops = float(peak_tflops or 0.0)
@@ -117,6 +121,12 @@ class MoELitModule(L.LightningModule):
     # -- model ---------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
+
+    def configure_model(self) -> None:
+        """``trainer=fsdp`` (``ModelParallelStrategy``): FSDP2 per decoder layer (fp32 gates in their own units),
+        then each rank allocates and fills only its shards (``mtrain.parallel``). Idempotent; no-op otherwise."""
+        if self.sharding is not None:
+            self.sharding.apply(self.model, self.device_mesh["data_parallel"], self.trainer.strategy.root_device)
 
     def check_gate_policy(self) -> None:
         """The gate precision decided for the run must have survived the precision plugin."""
@@ -142,9 +152,21 @@ class MoELitModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model.loss(batch["input_ids"], batch["targets"])
-        self.history["train"].append((self.global_step + 1, loss.detach()))
-        self.log("train/loss", loss, prog_bar=True)
+        targets = batch["targets"]
+        loss = self.model.loss(batch["input_ids"], targets)
+        shown = loss.detach()
+        world = self.trainer.world_size
+        if world > 1:
+            # Data parallel averages gradients over ranks: weight each rank's mean by its share of the global target
+            # tokens, so a step is the step of one process on the whole global batch (and the logged loss its mean)
+            # whatever the per-rank token counts.
+            count = (targets != IGNORE_INDEX).sum().to(loss.dtype)
+            sums = self.trainer.strategy.reduce(torch.stack([shown * count, count]), reduce_op="sum")
+            total = sums[1].clamp(min=1)
+            shown = sums[0] / total
+            loss = loss * (count * world / total)
+        self.history["train"].append((self.global_step + 1, shown))
+        self.log("train/loss", shown, prog_bar=True)
         sched = self.lr_schedulers()
         if sched is not None:
             self.log("lr", sched.get_last_lr()[0])
@@ -229,7 +251,8 @@ class MoELitModule(L.LightningModule):
         ids, targets = batch["input_ids"], batch["targets"]
         count = (targets != IGNORE_INDEX).sum()
         if self.logprob_sink is not None:
-            lp = token_logprobs(self.model, ids, targets)
+            with root_unsharded(self.model):  # token_logprobs reads output_weight outside forward
+                lp = token_logprobs(self.model, ids, targets)
             loss_sum = -lp.double().sum()
             self.logprob_sink(batch, lp)
         else:

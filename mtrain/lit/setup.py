@@ -17,6 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from mtrain.data import MTrainDataModule, build_datamodule
 from mtrain.lit.callbacks import SaveLastOnTrainEnd, StepProgressBar, make_checkpoint, make_loggers
 from mtrain.models import MoECausalLM
+from mtrain.parallel import export_hf as export_sharded
+from mtrain.parallel import is_sharded
+from mtrain.parallel.launch import check_launch, multirun
+from mtrain.parallel.lightning import FSDPPlan, meta_model, plan_for, trainer_kwargs, uses_fsdp
 
 log = logging.getLogger("mtrain")
 
@@ -25,6 +29,10 @@ _QUIET = (
     r".*does not have many workers.*",
     r".*is smaller than the logging interval.*",
     r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    # val/loss and val/ppl are already summed over ranks (MoELitModule.on_validation_epoch_end)
+    r".*when logging on epoch level in distributed setting to accumulate the metric across devices.*",
+    # trainer=fsdp: last.ckpt is a distributed-checkpoint folder, rewritten in place on purpose
+    r".*Detected an existing checkpoint in .*overwriting since self.overwrite=True.*",
 )
 
 
@@ -75,9 +83,10 @@ def configure_backends(moe_gate_fp32: bool, cuda: bool) -> None:
 @dataclass
 class Setup:
     datamodule: MTrainDataModule
-    model: MoECausalLM
+    model: MoECausalLM  # on the meta device under trainer=fsdp until configure_model shards and fills it
     cuda: bool
     tokenizer_from: Optional[Path]
+    fsdp: Optional[FSDPPlan] = None  # trainer=fsdp: what MoELitModule.configure_model does to the model
 
     @property
     def device(self) -> torch.device:
@@ -93,6 +102,8 @@ def build_setup(cfg: DictConfig) -> Setup:
         from mtrain.config import ConfigError
 
         raise ConfigError(f"{', '.join(missing)} must be set (it is ???): e.g. python -m mtrain {missing[0]}=/path/to/it")
+    # before any work: a multi-process job under -m must come from torchrun/SLURM, not from Lightning re-running argv
+    check_launch(cfg.trainer.devices, cfg.trainer.num_nodes, multirun=multirun(), accelerator=str(cfg.trainer.accelerator))
     src = tokenizer_source(cfg)
     dm = build_datamodule(cfg.data, src)
     dm.setup()
@@ -104,7 +115,11 @@ def build_setup(cfg: DictConfig) -> Setup:
     devices = cfg.trainer.devices
     single = str(devices) == "1" or (OmegaConf.is_list(devices) and len(devices) == 1)
     device = "cuda" if (cuda and single) else "cpu"  # big checkpoints go straight to the GPU
-    model = model_from_config(cfg.model, device=device, vocab_size=dm.vocab_size, seed=cfg.seed)
+    fsdp = plan_for(cfg) if uses_fsdp(cfg.trainer) else None
+    if fsdp is not None:  # no memory yet: each rank fills its own shards in configure_model
+        model = meta_model(cfg.model, vocab_size=dm.vocab_size)
+    else:
+        model = model_from_config(cfg.model, device=device, vocab_size=dm.vocab_size, seed=cfg.seed)
     from mtrain.lit.flops import active_params_per_token
 
     total = sum(p.numel() for p in model.parameters())
@@ -114,7 +129,7 @@ def build_setup(cfg: DictConfig) -> Setup:
         str(next(model.parameters()).dtype).removeprefix("torch."), str(model.gate_dtype()).removeprefix("torch."),
         dm.cfg.name, len(dm.train_set), len(dm.val_set) if dm.val_set is not None else 0,
     )
-    return Setup(dm, model, cuda, src)
+    return Setup(dm, model, cuda, src, fsdp)
 
 
 def _human(n: float) -> str:
@@ -138,6 +153,7 @@ def build_trainer(
     quiet_lightning()
     kw: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     kw.update(overrides)
+    kw = trainer_kwargs(kw, multirun=multirun())  # strategy=fsdp2 -> ModelParallelStrategy; the -m launch check
     if not has_val:
         kw["limit_val_batches"] = 0
         kw["num_sanity_val_steps"] = 0
@@ -175,9 +191,15 @@ def write_json(path: Path, data: dict) -> Path:
 _TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
-def export_hf(model: MoECausalLM, dm: MTrainDataModule, tokenizer_from: Optional[Path], dest: Path) -> Path:
+def export_hf(
+    model: MoECausalLM, dm: MTrainDataModule, tokenizer_from: Optional[Path], dest: Path, dtype: Optional[torch.dtype] = None
+) -> Optional[Path]:
     """Write ``model`` as an HF checkpoint folder at ``dest`` with its tokenizer: the source tokenizer.json (and its
-    tokenizer_config.json etc.) copied as is, or -- for the synthetic task -- the synthetic tokenizer saved."""
+    tokenizer_config.json etc.) copied as is, or -- for the synthetic task -- the synthetic tokenizer saved.
+
+    A sharded model (``trainer=fsdp``) is streamed (``mtrain.parallel.export_hf``: one parameter gathered at a time,
+    rank 0 writes): call it on every rank; it returns ``dest`` on rank 0 and None elsewhere. ``dtype``: write the
+    weights in this dtype (the gate keeps its policy dtype)."""
     import shutil
 
     from mtrain.data import save_tokenizer
@@ -185,7 +207,11 @@ def export_hf(model: MoECausalLM, dm: MTrainDataModule, tokenizer_from: Optional
     tok_file = None
     if tokenizer_from is not None:
         tok_file = tokenizer_from / "tokenizer.json" if tokenizer_from.is_dir() else tokenizer_from
-    model.save_pretrained(dest, tokenizer_file=tok_file, overwrite=True)
+    if is_sharded(model):
+        if export_sharded(model, dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype) is None:
+            return None  # not rank 0
+    else:
+        model.save_pretrained(dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype)
     if tok_file is None:
         save_tokenizer(dm.tokenizer, dest)
     else:

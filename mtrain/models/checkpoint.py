@@ -246,9 +246,12 @@ def _check_gate(folder: Path, gate_dtypes: set, moe_gate_fp32: bool, gate_mismat
 
 
 # -- writing ---------------------------------------------------------------------------------------------------------
-def _hf_tensors(model: MoECausalLM):
-    """Yield (HF key, tensor) with per-expert keys, in model order."""
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+def _hf_tensors(model: MoECausalLM, named=None):
+    """Yield (HF key, tensor) with per-expert keys, in model order. ``named``: (name, tensor) pairs to split instead
+    of the model's own parameters and buffers (e.g. a sharded model's, gathered one at a time)."""
+    if named is None:
+        named = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in named:
         if name.endswith("experts.gate_up_proj"):
             prefix, half = name[: -len(".gate_up_proj")], t.shape[1] // 2
             for e in range(t.shape[0]):
@@ -278,10 +281,17 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     tokenizer_file: str | os.PathLike | None = None,
     overwrite: bool = False,
+    tensors=None,
+    dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Write an HF checkpoint folder. The gate is written in the dtype the model holds it in (fp32 under
     ``moe_gate_fp32``); ``mtrain_precision.json`` records the policy. Refuses to replace an existing checkpoint
-    unless ``overwrite``; writes into a temporary folder first so a failure leaves nothing half-written."""
+    unless ``overwrite``; writes into a temporary folder first so a failure leaves nothing half-written.
+
+    ``tensors``: an iterable of (HF key, tensor) to write instead of the model's own (default ``_hf_tensors(model)``),
+    consumed lazily -- one shard is held in memory at a time (``mtrain.parallel.export_hf`` streams a sharded
+    model's parameters through it). ``dtype``: write floating tensors in this dtype (e.g. bf16 from fp32 master
+    weights), except what the precision policy keeps fp32 (the gate under ``moe_gate_fp32``, GLM's bias)."""
     dest = Path(path)
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise CheckpointError(f"{dest} already exists and is not empty; choose another folder or pass overwrite=True")
@@ -298,7 +308,10 @@ def save_pretrained(
             shard_keys.append(list(current))
             current.clear()
 
-        for key, t in _hf_tensors(model):
+        dtype = dtype_of(dtype)
+        for key, t in _hf_tensors(model) if tensors is None else tensors:
+            if dtype is not None and t.is_floating_point() and not _keeps_fp32(model, key):
+                t = t.to(dtype)
             nbytes = t.numel() * t.element_size()
             if current and size + nbytes > limit:
                 flush()
@@ -315,10 +328,13 @@ def save_pretrained(
         if len(shard_keys) > 1:
             index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        dtype = next(p for n, p in model.named_parameters() if "embed_tokens" in n).dtype
+        gate = model.gate_dtype()
+        if dtype is None:
+            dtype = next(p for n, p in model.named_parameters() if "embed_tokens" in n).dtype
+        elif gate is not None and not model.moe_gate_fp32:
+            gate = dtype
         hf = model.config.to_hf() | {"dtype": str(dtype).removeprefix("torch."), "transformers_version": "5.0.0"}
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        gate = model.gate_dtype()
         record = {
             "moe_gate_fp32": model.moe_gate_fp32,
             "rope_fp32": model.rope_fp32,
@@ -335,6 +351,11 @@ def save_pretrained(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _keeps_fp32(model: MoECausalLM, key: str) -> bool:
+    """Tensors the precision policy stores in fp32 whatever the model dtype."""
+    return key.endswith("e_score_correction_bias") or (model.moe_gate_fp32 and key.endswith("mlp.gate.weight"))
 
 
 def _shard_name(i: int, n: int) -> str:

@@ -42,9 +42,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loader = dm.eval_dataloader(split)
 
     writer = LogprobWriter(out / "token_logprobs.jsonl", dm.tokenizer) if t.save_logprobs else None
-    if t.compile and s.cuda:
+    if t.compile and s.cuda and s.fsdp is None:  # trainer=fsdp: eager (torch.compile + FSDP2 not validated yet)
         model.compile_layers()
-    lit = MoELitModule(model, peak_tflops=peak_tflops(t.peak_tflops, s.cuda), logprob_sink=writer)
+    lit = MoELitModule(model, peak_tflops=peak_tflops(t.peak_tflops, s.cuda), logprob_sink=writer, sharding=s.fsdp)
     extra = {"limit_val_batches": t.max_batches} if t.max_batches else {}
     trainer = build_trainer(cfg, out, checkpoint=False, **extra)
     try:

@@ -64,13 +64,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "resumed_from": t.ckpt_path,
     }
     if examples and t.accuracy_before and not t.ckpt_path:
-        metrics["val_accuracy_before"] = greedy_accuracy(model, dm, examples, **gen_kw)["accuracy"]
+        if s.fsdp is None:
+            metrics["val_accuracy_before"] = greedy_accuracy(model, dm, examples, **gen_kw)["accuracy"]
+        else:  # the weights exist only once fit has sharded and filled them
+            log.info("trainer=fsdp: accuracy before training is not measured (the model is built inside fit)")
 
     if t.compile and s.cuda:
-        model.compile_layers()
+        if s.fsdp is None:
+            model.compile_layers()
+        else:
+            log.warning("trainer=fsdp: task.compile is ignored (torch.compile + FSDP2 is not validated in mtrain yet)")
     lit = MoELitModule(
         model, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
-        betas=tuple(t.betas), eps=t.eps, peak_tflops=peak_tflops(t.peak_tflops, s.cuda),
+        betas=tuple(t.betas), eps=t.eps, peak_tflops=peak_tflops(t.peak_tflops, s.cuda), sharding=s.fsdp,
     )
     has_val = dm.val_set is not None
     curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
@@ -83,6 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             curve.write(lit)
 
+    metrics["world_size"] = trainer.world_size  # processes (GPUs); tokens_per_s is per process
     losses = [v for _, v in lit.train_losses()]
     tail = losses[-LAST_K:]
     metrics.update({
@@ -112,8 +119,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "checkpoints": str(out / "checkpoints"),
         "best_checkpoint": ckpt_cb.best_model_path or None if ckpt_cb is not None else None,
     }
-    if t.export and trainer.is_global_zero:
-        files["hf_model"] = str(export_hf(model, dm, s.tokenizer_from, out / "hf_model"))
+    if t.export and (trainer.is_global_zero or s.fsdp is not None):  # a sharded export needs every rank
+        dest = export_hf(model, dm, s.tokenizer_from, out / "hf_model", dtype=s.fsdp.param_dtype if s.fsdp else None)
+        if dest is not None:
+            files["hf_model"] = str(dest)
     metrics["wall_s"] = time.perf_counter() - t_start
     metrics["files"] = files
     if trainer.is_global_zero:

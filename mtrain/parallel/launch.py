@@ -1,0 +1,70 @@
+"""How multi-device jobs are launched, and the check that keeps Lightning from re-running ``sys.argv`` under ``-m``.
+
+One process per device, started from outside the Python program:
+
+* a single node: ``torchrun --nproc_per_node N -m mtrain trainer=fsdp trainer.devices=N ...``;
+* a SLURM cluster: ``python -m mtrain -m hydra/launcher=slurm trainer=fsdp trainer.devices=N ...`` (submitit starts
+  ``tasks_per_node = trainer.devices`` tasks per node, each running the Hydra job).
+
+Lightning sees torchrun's (``TorchElasticEnvironment``) or SLURM's (``SLURMEnvironment``) variables, whose processes
+are created externally, and does not launch any. Without such an environment and with more than one device,
+Lightning's subprocess launcher would re-run ``sys.argv`` once per extra device: under ``-m`` every child would run
+the whole sweep. :func:`check_launch` refuses that case with a message naming both ways to launch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtrain.config import ConfigError
+
+
+def external_launcher() -> str | None:
+    """``"torchrun"`` or ``"slurm"`` when this process is one of several created by that launcher, else None."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return "torchrun"
+    if SLURMEnvironment.detect():
+        return "slurm"
+    return None
+
+
+def multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (``-m``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def num_devices(devices: Any, accelerator: str = "auto") -> int:
+    """How many devices per node ``trainer.devices`` asks for (int, list of ids, "-1" or "auto")."""
+    if isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+        return len(devices)
+    if str(devices) in ("auto", "-1"):
+        import torch
+
+        return torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else 1
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    return int(devices)
+
+
+def check_launch(devices: Any, num_nodes: int = 1, *, multirun: bool, accelerator: str = "auto") -> str | None:
+    """Refuse a multi-process job that Lightning would launch by re-running ``sys.argv`` under a Hydra multirun.
+
+    Returns the external launcher (``"torchrun"``/``"slurm"``) or None (one process, or Lightning's own launcher
+    in a single run)."""
+    launcher = external_launcher()
+    world = num_devices(devices, accelerator) * int(num_nodes)
+    if world <= 1 or launcher is not None:
+        return launcher
+    if multirun:
+        raise ConfigError(
+            f"trainer.devices={devices} (x trainer.num_nodes={num_nodes}) under -m without torchrun or SLURM: "
+            "Lightning would start the extra processes by re-running the command line, sweep included. Launch one "
+            f"process per device instead: `torchrun --nproc_per_node {num_devices(devices, accelerator)} -m mtrain "
+            "...` for one run, or `python -m mtrain -m hydra/launcher=slurm ...` for a sweep on a SLURM cluster"
+        )
+    return None

@@ -1,0 +1,124 @@
+"""``trainer=fsdp`` in Lightning: ``trainer.strategy=fsdp2`` becomes a ``ModelParallelStrategy`` whose
+``configure_model`` hook (``MoELitModule.configure_model``) shards the meta-device model with :func:`apply_fsdp` and
+fills each rank's shards (:class:`FSDPPlan`).
+
+* The model is built on the meta device before the LightningModule (:func:`meta_model`: no memory, dtype and gate
+  policy as decided for the run), so no rank ever holds the full model.
+* ``trainer.precision=bf16-mixed`` is realised by FSDP's ``MixedPrecisionPolicy`` (fp32 master weights, bf16
+  all-gather/compute, fp32 reduce), so Lightning gets ``32-true`` (no autocast on top); ``bf16-true`` stays
+  (bf16 weights, Lightning's cast keeps an fp32 gate fp32) with an fp32 gradient reduce.
+* Checkpoints: ``ModelParallelStrategy(save_distributed_checkpoint=True)`` writes ``last.ckpt`` etc. as DCP folders
+  (one file per rank + Lightning's ``meta.pt``); ``task.ckpt_path=<that folder>`` resumes (weights, optimizer,
+  scheduler, step), also on another number of GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from mtrain.config import ConfigError
+from mtrain.models import MoECausalLM, build_model
+from mtrain.models.checkpoint import CheckpointError, dtype_of, read_config
+
+from .fsdp import apply_fsdp, fsdp_precision, is_sharded
+from .launch import check_launch, num_devices
+from .loading import LoadStats, init_sharded, load_sharded
+
+log = logging.getLogger("mtrain")
+
+STRATEGY = "fsdp2"  # trainer.strategy value that selects FSDP2 through ModelParallelStrategy
+
+
+def uses_fsdp(trainer_cfg: Any) -> bool:
+    return str(getattr(trainer_cfg, "strategy", "auto")) == STRATEGY
+
+
+@dataclass
+class FSDPPlan:
+    """What ``configure_model`` does to the meta model: shard, allocate the local shards, fill them."""
+
+    param_dtype: Optional[torch.dtype] = None
+    reduce_dtype: Optional[torch.dtype] = None
+    checkpoint: Optional[str] = None  # HF folder each rank reads its slices from; None = random init with ``seed``
+    seed: int = 0
+    reshard_after_forward: bool = True
+    gate_mismatch: str = "warn"
+
+    def apply(self, model: MoECausalLM, mesh, device: torch.device) -> Optional[LoadStats]:
+        """Idempotent: a model that is already sharded is left as is (configure_model runs for fit and validate)."""
+        if is_sharded(model):
+            return None
+        apply_fsdp(
+            model, mesh, param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype,
+            gate_fp32=model.moe_gate_fp32, reshard_after_forward=self.reshard_after_forward,
+        )
+        model.to_empty(device=device)
+        if self.checkpoint:
+            stats = load_sharded(model, self.checkpoint, gate_mismatch=self.gate_mismatch)
+            log.info("rank shards filled from %s: read %.1f of %.1f MB", self.checkpoint, stats.bytes_read / 2**20,
+                     stats.bytes_total / 2**20)
+            return stats
+        init_sharded(model, self.seed)
+        return None
+
+
+def plan_for(cfg) -> FSDPPlan:
+    """The :class:`FSDPPlan` of a prepared run config (``trainer.precision`` -> the FSDP mixed-precision policy)."""
+    try:
+        _, param_dtype, reduce_dtype = fsdp_precision(cfg.trainer.precision)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return FSDPPlan(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                    checkpoint=str(cfg.model.checkpoint) if cfg.model.checkpoint else None, seed=int(cfg.seed))
+
+
+def meta_model(model_cfg, vocab_size: Optional[int] = None) -> MoECausalLM:
+    """The run's model on the meta device: ``model.checkpoint``'s config.json (weights are read later, per rank) or
+    ``model.arch`` (grown to the tokenizer's vocabulary), in ``model.dtype`` with the decided gate/RoPE policy."""
+    from mtrain.tasks.common import arch_of
+
+    if model_cfg.checkpoint:
+        try:
+            arch = read_config(model_cfg.checkpoint, model_cfg.name)
+        except CheckpointError as e:
+            raise ConfigError(f"model.checkpoint: {e}") from None
+        if vocab_size is not None and vocab_size > arch.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {vocab_size} tokens but model.checkpoint's vocab_size is {arch.vocab_size}; "
+                "use the checkpoint's own tokenizer.json"
+            )
+    else:
+        arch = arch_of(model_cfg, vocab_size)
+    return build_model(
+        arch, dtype=dtype_of(model_cfg.dtype), device="meta", moe_gate_fp32=bool(model_cfg.moe_gate_fp32),
+        rope_fp32=bool(model_cfg.rope_fp32), init=False,
+    )
+
+
+def trainer_kwargs(kw: dict[str, Any], *, multirun: bool) -> dict[str, Any]:
+    """Turn ``cfg.trainer`` kwargs into ``lightning.Trainer`` kwargs: refuse a multi-process job Lightning would
+    launch by re-running ``sys.argv`` under ``-m``; for ``strategy=fsdp2`` a ``ModelParallelStrategy`` (pure FSDP:
+    data-parallel size = all processes) and the Lightning precision that leaves mixed precision to FSDP."""
+    kw = dict(kw)
+    check_launch(kw.get("devices", 1), kw.get("num_nodes", 1), multirun=multirun, accelerator=str(kw.get("accelerator")))
+    if kw.get("strategy") != STRATEGY:
+        return kw
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    world = num_devices(kw.get("devices", 1), str(kw.get("accelerator"))) * int(kw.get("num_nodes", 1))
+    kw["strategy"] = ModelParallelStrategy(
+        data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=True
+    )
+    precision = str(kw.get("precision"))
+    try:
+        fsdp_precision(precision)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if precision == "bf16-mixed":
+        kw["precision"] = "32-true"  # FSDP's MixedPrecisionPolicy casts; no autocast on top
+    return kw
+
