@@ -10,7 +10,8 @@ router gates as their own units under rl=on), initialises the local shards, and 
 plain loop (``mtrain.parallel.loop``) after ``--warmup`` steps, in ``--precision`` (default ``bf16-mixed``: fp32
 master weights sharded, bf16 compute, fp32 gradient reduce -- what ``trainer=fsdp`` runs).
 
-Self-checks: the first-step loss is the same on 1 and N GPUs (same global batch, same weights); every loss is
+Self-checks: the first-step loss on N GPUs is within 2% of the 1-GPU one (same weights; the N-GPU global batch is
+the 1-GPU batch plus N-1 more of the same size, so a sharding bug shows, batch noise does not); every loss is
 finite; the deep case really runs out of memory on one GPU (else its depth is too small to show anything).
 Prints a table and appends one JSON line per case to benchmarks/results.jsonl (and $OUT): date, card, GPUs, shape,
 layers, params, tokens/s per GPU, scaling efficiency = (tokens/s per GPU on N) / (tokens/s per GPU on 1).
@@ -206,7 +207,7 @@ def main(argv=None) -> None:
         append_results(rows)
     if problems:
         sys.exit(1)
-    print("checks passed: same first-step loss on 1 and N GPUs, finite losses"
+    print("checks passed: first-step loss on N GPUs within 2% of 1 GPU, finite losses"
           + ("" if a.smoke else ", the deep case does not fit one GPU"))
 
 
