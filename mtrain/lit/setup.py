@@ -132,6 +132,23 @@ def build_setup(cfg: DictConfig) -> Setup:
     return Setup(dm, model, cuda, src, fsdp)
 
 
+def start_job(cfg: DictConfig):
+    """What every Lightning task does first: prepare the config (a no-op when the CLI already did), make the run
+    dir, seed everything, build data + model, set the matmul backends for the gate policy.
+    Returns (prepared cfg, precision plan, run dir, Setup)."""
+    import lightning as L
+
+    from mtrain.config import job_dir, prepare_run
+
+    cfg, plan = prepare_run(cfg)
+    out = job_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, verbose=False)
+    s = build_setup(cfg)
+    configure_backends(plan.moe_gate_fp32, s.cuda)
+    return cfg, plan, out, s
+
+
 def _human(n: float) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:

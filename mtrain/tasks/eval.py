@@ -14,12 +14,11 @@ import math
 import time
 from typing import Any
 
-import lightning as L
 from omegaconf import DictConfig
 
-from mtrain.config import ConfigError, job_dir, prepare_run
-from mtrain.lit import LogprobWriter, MoELitModule, build_setup, build_trainer, configure_backends, greedy_accuracy, peak_tflops
-from mtrain.lit.setup import write_json
+from mtrain.config import ConfigError
+from mtrain.lit import LogprobWriter, MoELitModule, build_trainer, greedy_accuracy, peak_tflops
+from mtrain.lit.setup import start_job, write_json
 from mtrain.tasks.sft import accuracy_examples
 
 SPLITS = ("auto", "val", "train")
@@ -27,17 +26,11 @@ SPLITS = ("auto", "val", "train")
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
-    cfg, plan = prepare_run(cfg)
+    if cfg.task.split not in SPLITS:
+        raise ConfigError(f"task.split={cfg.task.split!r} is not one of {', '.join(SPLITS)}")
+    cfg, plan, out, s = start_job(cfg)
     t = cfg.task
-    if t.split not in SPLITS:
-        raise ConfigError(f"task.split={t.split!r} is not one of {', '.join(SPLITS)}")
-    out = job_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, verbose=False)
-
-    s = build_setup(cfg)
     dm, model = s.datamodule, s.model
-    configure_backends(plan.moe_gate_fp32, s.cuda)
     split = t.split if t.split != "auto" else ("val" if dm.val_set is not None else "train")
     loader = dm.eval_dataloader(split)
 

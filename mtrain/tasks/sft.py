@@ -15,12 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from omegaconf import DictConfig
 
-from mtrain.config import job_dir, prepare_run
-from mtrain.lit import LossCurve, MoELitModule, build_setup, build_trainer, configure_backends, greedy_accuracy, peak_tflops
-from mtrain.lit.setup import export_hf, write_json
+from mtrain.lit import LossCurve, MoELitModule, build_trainer, greedy_accuracy, peak_tflops
+from mtrain.lit.setup import export_hf, start_job, write_json
 
 log = logging.getLogger("mtrain")
 
@@ -43,15 +41,9 @@ def _pct(x: Any) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
-    cfg, plan = prepare_run(cfg)  # no-op when the CLI already prepared it
+    cfg, plan, out, s = start_job(cfg)
     t = cfg.task
-    out = job_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, verbose=False)
-
-    s = build_setup(cfg)
     dm, model = s.datamodule, s.model
-    configure_backends(plan.moe_gate_fp32, s.cuda)
     examples = accuracy_examples(cfg, dm)
     gen_kw = dict(batch_size=t.gen_batch_size, max_new_tokens=t.max_new_tokens, device=s.device)
 
