@@ -7,12 +7,13 @@ import datetime
 import json
 import os
 import statistics
+from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 
-from mtrain.lit.flops import active_params_per_token
-from mtrain.models import build_model
-from mtrain.models.config import CONFIGS
+from mtrain.models import FAMILIES, PrecisionPolicy, build_model
+from mtrain.models.flops import active_params_per_token
 
 SHAPES = {
     # Qwen3-30B-A3B
@@ -39,11 +40,11 @@ SHAPES = {
 
 def mtrain_config(shape: str, layers: int):
     family, kw = SHAPES[shape]
-    return CONFIGS[family](**kw, num_hidden_layers=layers)
+    return FAMILIES[family].config(**kw, num_hidden_layers=layers)
 
 
 def make_mtrain(cfg, device, *, rl: bool, seed: int = 0):
-    return build_model(cfg, dtype=torch.bfloat16, device=device, moe_gate_fp32=rl, rope_fp32=rl, seed=seed)
+    return build_model(cfg, dtype=torch.bfloat16, device=device, policy=PrecisionPolicy(rl, rl), seed=seed)
 
 
 def make_hf(cfg, device, state_dict=None, dtype=torch.bfloat16):
@@ -102,7 +103,7 @@ def matmul_tflops(n: int = 8192) -> float:
 
 
 def flops_per_token(cfg, seq: int, train: bool) -> float:
-    """6 (train) or 2 (forward) x active matmul params (``mtrain.lit.flops``), plus causal attention: QK^T and AV
+    """6 (train) or 2 (forward) x active matmul params (``mtrain.models.flops``), plus causal attention: QK^T and AV
     over seq/2 keys on average (the training MFU logged by ``task=sft`` counts the full seq, PaLM-style)."""
     mult = 6 if train else 2
     attn = 2 * 2 * cfg.num_attention_heads * cfg.head_dim_ * (seq / 2) * cfg.num_hidden_layers
@@ -120,3 +121,65 @@ def append_results(rows: list[dict], path: str = "benchmarks/results.jsonl") -> 
     for p in filter(None, [path, out and os.path.join(out, os.path.basename(path))]):
         with open(p, "a") as f:
             f.write("\n".join(lines) + "\n")
+
+
+# -- a bare data-parallel training loop (what the scaling benchmark times; the CLI path is Lightning's) ---------------
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def synthetic_batches(vocab_size: int, batch: int, seq: int, steps: int, seed: int = 0) -> list[Batch]:
+    """``steps`` global batches of random token ids with next-token targets (last position ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
+        targets = torch.full_like(ids, -100)
+        targets[:, :-1] = ids[:, 1:]
+        out.append((ids, targets))
+    return out
+
+
+def rank_slice(b: Batch, rank: int, world: int) -> Batch:
+    """This rank's contiguous rows of a global batch (the batch size must divide by the world size)."""
+    ids, targets = b
+    if ids.shape[0] % world:
+        raise ValueError(f"global batch {ids.shape[0]} does not divide over {world} ranks")
+    n = ids.shape[0] // world
+    return ids[rank * n : (rank + 1) * n], targets[rank * n : (rank + 1) * n]
+
+
+def global_mean(x: torch.Tensor) -> float:
+    """Mean of a scalar over ranks (SUM / world: gloo has no AVG)."""
+    if not dist.is_initialized():
+        return x.item()
+    y = x.detach().float().clone()
+    dist.all_reduce(y)
+    return y.item() / dist.get_world_size()
+
+
+def train_steps(
+    model,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[Batch] | Iterable[Batch],
+    *,
+    device: torch.device | str = "cpu",
+    grad_clip: float | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """One optimizer step per (global) batch; this rank uses its rows. Returns the global mean loss of each step."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    losses = []
+    model.train()
+    for step, b in enumerate(batches):
+        ids, targets = (t.to(device) for t in rank_slice(b, rank, world))
+        loss = model.loss(ids, targets)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(global_mean(loss))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses

@@ -7,7 +7,7 @@
 The script starts ``torchrun --standalone --nproc_per_node K`` of itself (``--worker``) for each case and world size;
 each worker builds the model on the meta device, shards it with ``mtrain.parallel.apply_fsdp`` (decoder layers, fp32
 router gates as their own units under rl=on), initialises the local shards, and times ``--steps`` AdamW steps of the
-plain loop (``mtrain.parallel.loop``) after ``--warmup`` steps, in ``--precision`` (default ``bf16-mixed``: fp32
+plain loop (``benchmarks.common.train_steps``) after ``--warmup`` steps, in ``--precision`` (default ``bf16-mixed``: fp32
 master weights sharded, bf16 compute, fp32 gradient reduce -- what ``trainer=fsdp`` runs).
 
 Self-checks: the first-step loss on N GPUs is within 2% of the 1-GPU one (same weights; the N-GPU global batch is
@@ -30,9 +30,11 @@ import time
 
 import torch
 
+from mtrain.models import PrecisionPolicy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, card, flops_per_token, mtrain_config  # noqa: E402
+from benchmarks.common import append_results, card, flops_per_token, mtrain_config, synthetic_batches, train_steps  # noqa: E402
 
 BYTES_PER_PARAM = {"bf16-mixed": 16, "32-true": 16, "bf16-true": 8}  # weights + grads + AdamW's two states
 
@@ -52,7 +54,6 @@ def worker(a) -> None:
     import torch.distributed as dist
 
     from mtrain.parallel import build_sharded, dp_mesh, fsdp_precision, init_distributed
-    from mtrain.parallel.loop import synthetic_batches, train_steps
 
     device = init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -65,7 +66,7 @@ def worker(a) -> None:
     try:
         model, _ = build_sharded(
             cfg, mesh=mesh, device=device, dtype=stored, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-            moe_gate_fp32=a.rl, rope_fp32=a.rl, seed=0,
+            policy=PrecisionPolicy(a.rl, a.rl), seed=0,
         )
         model.activation_checkpointing = a.activation_checkpointing
         if a.compile:

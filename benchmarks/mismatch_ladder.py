@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from benchmarks.common import append_results, card  # noqa: E402
 from mtrain.cli import CONFIG_DIR  # noqa: E402
+from mtrain.job import Job  # noqa: E402
 from mtrain.tasks.mismatch import run  # noqa: E402
 
 LADDER = [
@@ -48,13 +49,9 @@ def main():
                                                    f"task.num_prompts={args.prompts}",
                                                    f"task.max_new_tokens={args.new_tokens}"])
             with tempfile.TemporaryDirectory() as tmp:
-                cwd = os.getcwd()
-                os.chdir(tmp)
-                try:
-                    m = run(cfg)
-                finally:
-                    os.chdir(cwd)
-                    os.environ.pop("FD_ENABLE_RL", None)
+                job = Job.prepare(cfg, tmp)
+                with job.plan.job_env():
+                    m = run(job)
             if step == "warm-up":
                 continue
             rows.append({"bench": "mismatch_ladder", "experiment": exp, "step": step,

@@ -1,7 +1,8 @@
-"""``python -m mtrain``: the Hydra entry point.
+"""``python -m mtrain``: the Hydra entry point, and the only module that knows Hydra's run.
 
-Every job: prepare the config (decide precision, resolve, record), save ``config_resolved.yaml`` in the job dir,
-then dispatch to the task registered under ``cfg.task.name``.
+Every job: compose -> decide precision once (``prepare_run``: resolve, record) -> save ``config_resolved.yaml`` in
+the job dir -> hand the :class:`mtrain.job.Job` (config, plan, run dir) to the task registered under
+``cfg.task.name``, with ``FD_ENABLE_RL`` exported as the plan says for the job's duration.
 """
 
 from __future__ import annotations
@@ -18,16 +19,12 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
-from mtrain.config import ENV_VAR, ConfigError, job_dir, parse_fd_enable_rl, prepare_run, save_resolved
-from mtrain.models.checkpoint import CheckpointError
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from mtrain.config import ENV_VAR, ConfigError, parse_fd_enable_rl, prepare_run, save_resolved
+from mtrain.job.run import Job, user_error
 from mtrain.tasks import get_task
-
-
-def _user_error(e: BaseException) -> bool:
-    """An error in what the user asked for (config, data, checkpoint): one line on stderr, exit 2, no traceback.
-    ``mtrain.data`` is looked up only if a task imported it (importing it imports Lightning: slow for --cfg/info)."""
-    data = sys.modules.get("mtrain.data.config")
-    return isinstance(e, (ConfigError, CheckpointError)) or (data is not None and isinstance(e, data.DataError))
 
 log = logging.getLogger("mtrain")
 
@@ -51,10 +48,23 @@ def _error(msg: Any) -> None:
 
 
 def _multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def job_dir() -> Path:
+    """The current Hydra job's output dir (run dir, or the job's sweep subdir); the cwd outside a Hydra job."""
+    if HydraConfig.initialized():
+        out = HydraConfig.get().runtime.output_dir
+        if out:
+            return Path(out)
+    return Path.cwd()
+
+
+def _choices() -> dict[str, Optional[str]]:
+    """The option picked for each config group (``experiment``, ``trainer``, ...)."""
+    if not HydraConfig.initialized():
+        return {}
+    return {k: None if v is None else str(v) for k, v in HydraConfig.get().runtime.choices.items()}
 
 
 def _cleanup() -> None:
@@ -69,24 +79,19 @@ def _cleanup() -> None:
 
 
 def run_job(cfg: DictConfig) -> dict:
-    """One job: prepare + save the resolved config, run the task, return its metrics."""
-    saved_env = os.environ.get(ENV_VAR)
+    """One job: decide + save the resolved config, run the task with the plan's environment, return its metrics."""
     try:
-        resolved, _plan = prepare_run(cfg)
-        out = job_dir()
-        path = save_resolved(resolved, out)
-        log.info("task=%s, run dir %s (resolved config: %s)", resolved.task.name, out, path.name)
-        result = get_task(resolved.task.name)(resolved)
-        metrics = out / "metrics.json"
+        resolved, plan = prepare_run(cfg)
+        job = Job(resolved, plan, job_dir(), multirun=_multirun(), choices=_choices())
+        path = save_resolved(resolved, job.dir)
+        log.info("task=%s, run dir %s (resolved config: %s)", resolved.task.name, job.dir, path.name)
+        with plan.job_env():
+            result = get_task(resolved.task.name)(job)
+        metrics = job.dir / "metrics.json"
         if isinstance(result, dict) and not metrics.exists():  # every job leaves its results for the sweep summary
             metrics.write_text(json.dumps(result, indent=2, default=str) + "\n")
         return result
     finally:
-        # rl=on exports FD_ENABLE_RL=1 for this job only; the next job of a multirun must see the user's value.
-        if saved_env is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = saved_env
         _cleanup()
 
 
@@ -95,7 +100,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict]:
     try:
         return run_job(cfg)
     except Exception as e:
-        if not _user_error(e):
+        if not user_error(e):
             raise
         _error(e)
         if _multirun():

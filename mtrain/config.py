@@ -1,7 +1,7 @@
-"""Typed config schema, the OmegaConf resolvers, and the ONE precision decision.
+"""The OmegaConf resolvers, the ONE precision decision, and run preparation (decide, resolve, record).
 
-Importing this module (``import mtrain`` does) registers the resolvers and the schema in Hydra's ConfigStore,
-idempotently, so they also exist in joblib/submitit workers and Lightning subprocesses.
+Importing this module (``import mtrain`` does) registers the resolvers and the schemas (``mtrain.schema``) in
+Hydra's ConfigStore, idempotently, so they also exist in joblib/submitit workers and Lightning subprocesses.
 
 Precedence of the router-gate precision (``model.moe_gate_fp32``), highest first:
 
@@ -16,19 +16,23 @@ job's environment so a process the job starts (a rollout engine) agrees with the
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Iterator, Mapping, Optional, Tuple
 
-from hydra.core.config_store import ConfigStore
 from hydra.errors import CompactHydraException
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from mtrain.models.config import Glm4MoeConfig, MoEConfig, Qwen3MoeConfig
+from mtrain.models.config import MoEConfig
+from mtrain.models.precision import PrecisionPolicy
+from mtrain.models.registry import FAMILIES
+from mtrain.schema import model_schema, register_schemas
 
 log = logging.getLogger("mtrain")
 
@@ -45,131 +49,6 @@ class ConfigError(ValueError, CompactHydraException):
 
     Also a Hydra ``CompactHydraException``, so Hydra prints only the message (no traceback) if it sees it.
     """
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Schema (structured configs). Hydra sets the struct flag, so unknown keys and wrong types are refused at compose.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING  # glm4_moe | qwen3_moe
-    checkpoint: Optional[str] = None  # null = random init; else a Hugging Face model folder
-    dtype: Optional[str] = None  # float32 | bfloat16 | null (= follow trainer.precision)
-    moe_gate_fp32: Optional[bool] = None  # null/interpolation = decided by decide_precision()
-    rope_fp32: Optional[bool] = None
-    arch: Any = MISSING  # typed per model below
-
-
-@dataclass
-class Glm4MoeModelConfig(ModelConfig):
-    name: str = "glm4_moe"
-    arch: Glm4MoeConfig = field(default_factory=Glm4MoeConfig)
-
-
-@dataclass
-class Qwen3MoeModelConfig(ModelConfig):
-    name: str = "qwen3_moe"
-    arch: Qwen3MoeConfig = field(default_factory=Qwen3MoeConfig)
-
-
-MODEL_SCHEMAS: dict[str, type[ModelConfig]] = {"glm4_moe": Glm4MoeModelConfig, "qwen3_moe": Qwen3MoeModelConfig}
-
-
-@dataclass
-class RLConfig:
-    mode: str = "auto"  # on | off | auto (= follow FD_ENABLE_RL)
-
-
-@dataclass
-class TrainerConfig:
-    """Keyword arguments of ``lightning.Trainer``."""
-
-    accelerator: str = "cpu"
-    devices: Any = 1  # int, list of ints or "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"  # a Lightning strategy name, or fsdp2 (trainer=fsdp: mtrain.parallel, ModelParallelStrategy)
-    precision: str = "32-true"
-    max_steps: int = 100
-    val_check_interval: Any = 50  # int: every N training batches; float: fraction of an epoch
-    check_val_every_n_epoch: Optional[int] = None  # None: val_check_interval counts steps across epochs
-    log_every_n_steps: int = 10
-    gradient_clip_val: Optional[float] = 1.0
-    accumulate_grad_batches: int = 1
-    enable_progress_bar: bool = True
-
-
-@dataclass
-class TaskConfig:
-    name: str = MISSING
-
-
-@dataclass
-class InfoTaskConfig(TaskConfig):
-    name: str = "info"
-
-
-@dataclass
-class ModelTaskConfig(TaskConfig):
-    """What every model-running task shares: speed settings and the greedy exact-match accuracy."""
-
-    compile: bool = True  # torch.compile each decoder layer (CUDA only; CPU stays eager)
-    peak_tflops: Optional[float] = None  # per-device peak for MFU; null = from the GPU's name (H100/H200 bf16: 989), 0 = no MFU
-    accuracy: Optional[bool] = None  # exact-match accuracy of greedy answers on the val examples; null = synthetic data only
-    max_accuracy_examples: int = 1000  # at most this many val examples are generated for
-    gen_batch_size: int = 256  # prompts decoded together
-    max_new_tokens: Optional[int] = None  # null: longest reference answer + 2
-
-
-@dataclass
-class SFTTaskConfig(ModelTaskConfig):
-    """``task=sft``: supervised fine-tuning (steps, clipping and accumulation come from ``trainer``)."""
-
-    name: str = "sft"
-    lr: float = 3e-3  # peak learning rate
-    warmup_steps: int = 50  # linear warm-up from 0 to lr over these optimizer steps
-    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at trainer.max_steps
-    weight_decay: float = 0.0  # AdamW decoupled decay on matrices only (never norms, biases, router bias)
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    ckpt_path: Optional[str] = None  # a Lightning .ckpt to resume from (weights, optimizer, scheduler, step)
-    export: bool = True  # write <run dir>/hf_model (HF format + tokenizer) at the end
-    accuracy_before: bool = True  # also measure accuracy before training (the random/initial model)
-    save_top_k: int = 1  # best checkpoints kept by val/loss (plus last.ckpt)
-
-
-@dataclass
-class EvalTaskConfig(ModelTaskConfig):
-    """``task=eval``: mean token loss / perplexity, tokens/s, optional per-token logprobs and accuracy."""
-
-    name: str = "eval"
-    split: str = "auto"  # auto (val if there is one, else train) | val | train
-    max_batches: Optional[int] = None  # evaluate only the first N batches
-    save_logprobs: bool = False  # write <run dir>/token_logprobs.jsonl (one line per row of each batch)
-
-
-TASK_SCHEMAS: dict[str, type[TaskConfig]] = {"info": InfoTaskConfig, "sft": SFTTaskConfig, "eval": EvalTaskConfig}
-
-
-@dataclass
-class MTrainConfig:
-    model: ModelConfig = MISSING
-    rl: RLConfig = field(default_factory=RLConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    task: Any = MISSING  # typed per task by its schema (first entry of the task yaml's defaults list)
-    data: Any = None  # owned by mtrain.data; loosely typed here
-    seed: int = 0
-
-
-def register_schemas() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent: storing again replaces)."""
-    cs = ConfigStore.instance()
-    cs.store(name="mtrain_schema", node=MTrainConfig)
-    for name, node in MODEL_SCHEMAS.items():
-        cs.store(group="schema/model", name=name, node=node)
-    for name, node in TASK_SCHEMAS.items():
-        cs.store(group="schema/task", name=name, node=node)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,6 +109,27 @@ class PrecisionPlan:
             export_env=d.get("export_env"),
             warnings=tuple(d.get("warnings") or ()),
         )
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        """What the lower layers apply: the router and RoPE precision (and, from them, TF32 and FSDP units)."""
+        return PrecisionPolicy(gate_fp32=self.moe_gate_fp32, rope_fp32=self.rope_fp32)
+
+    @contextlib.contextmanager
+    def job_env(self) -> Iterator[None]:
+        """``FD_ENABLE_RL`` as the plan says (``rl=on`` -> 1) for the job, the user's value restored after it (the
+        next job of a multirun must see the user's value)."""
+        saved = os.environ.get(ENV_VAR)
+        if self.export_env is not None:
+            os.environ[ENV_VAR] = self.export_env
+            log.info("exported %s=%s to processes this job starts", ENV_VAR, self.export_env)
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop(ENV_VAR, None)
+            else:
+                os.environ[ENV_VAR] = saved
 
     def summary(self) -> str:
         return (
@@ -311,15 +211,10 @@ def _rope_fp32_resolver(rl_mode: str) -> bool:
     return decide_precision(None, str(rl_mode), os.environ).rope_fp32
 
 
-def _fd_enable_rl_resolver() -> bool:
-    return parse_fd_enable_rl(os.environ.get(ENV_VAR))
-
-
 RESOLVERS = {
     "mtrain.gate_fp32": _gate_fp32_resolver,  # ${mtrain.gate_fp32:${rl.mode}}
     "mtrain.rope_fp32": _rope_fp32_resolver,  # ${mtrain.rope_fp32:${rl.mode}}
     "mtrain.dtype": dtype_for_precision,  # ${mtrain.dtype:${trainer.precision}}
-    "mtrain.fd_enable_rl": _fd_enable_rl_resolver,  # ${mtrain.fd_enable_rl:}
 }
 
 
@@ -357,23 +252,38 @@ def _resolve_copy(cfg: DictConfig) -> DictConfig:
     return out
 
 
-def prepare_run(cfg: DictConfig, apply_env: bool = True) -> Tuple[DictConfig, PrecisionPlan]:
+def _refuse_unknown_keys(cfg: DictConfig) -> None:
+    """Keys added with ``+group.key=...`` that the group's schema does not know (Hydra lets ``+`` add keys even to
+    typed nodes) are refused here, with their names."""
+    for group in ("model", "task", "data", "trainer", "rl"):
+        node = cfg.get(group)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if schema is None or not dataclasses.is_dataclass(schema):
+            continue
+        known = {f.name for f in dataclasses.fields(schema)}
+        unknown = sorted(set(node.keys()) - known)
+        if unknown:
+            raise ConfigError(f"{group}: unknown key(s) {', '.join(f'{group}.{k}' for k in unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
+
+
+def prepare_run(cfg: DictConfig) -> Tuple[DictConfig, PrecisionPlan]:
     """Decide precision, resolve the config, and record the decision in it.
 
     Returns a resolved copy of ``cfg`` (typed, struct) in which ``model.moe_gate_fp32``, ``model.rope_fp32`` and
-    ``model.dtype`` hold concrete values, plus a ``precision:`` section (each value with its source, the exported
-    ``FD_ENABLE_RL`` and the warnings). With ``apply_env``, ``FD_ENABLE_RL`` is set in ``os.environ`` as the plan
-    says (``rl=on`` -> 1). Logs the decision and each warning once. Idempotent: a config that already has a
-    ``precision:`` section is returned as is.
+    ``model.dtype`` hold concrete values, plus a ``precision:`` section (each value with its source, the
+    ``FD_ENABLE_RL`` to export and the warnings), and the plan. Logs the decision and each warning once.
+    Idempotent: a config that already has a ``precision:`` section is returned as is with its plan.
     """
     if "precision" in cfg:
         return cfg, PrecisionPlan.from_dict(OmegaConf.to_container(cfg.precision, resolve=True))  # type: ignore[arg-type]
 
+    _refuse_unknown_keys(cfg)
     model = cfg.model
-    if OmegaConf.get_type(model) is not MODEL_SCHEMAS.get(model.name):
+    if model.name not in FAMILIES or OmegaConf.get_type(model) is not model_schema(FAMILIES[model.name]):
         raise ConfigError(
             f"model.name={model.name!r} does not match the selected model config; pick the model with "
-            f"model={'|'.join(MODEL_SCHEMAS)} rather than by setting model.name"
+            f"model={'|'.join(sorted(FAMILIES))} rather than by setting model.name"
         )
     plan = decide_precision(
         _override(model, "moe_gate_fp32"), str(cfg.rl.mode), os.environ, _override(model, "rope_fp32")
@@ -404,9 +314,6 @@ def prepare_run(cfg: DictConfig, apply_env: bool = True) -> Tuple[DictConfig, Pr
     log.info("precision: %s, dtype=%s [%s]", plan.summary(), dtype, dtype_source)
     for w in plan.warnings:
         log.warning(w)
-    if apply_env and plan.export_env is not None:
-        os.environ[ENV_VAR] = plan.export_env
-        log.info("exported %s=%s to processes this job starts", ENV_VAR, plan.export_env)
     return out, plan
 
 
@@ -435,12 +342,7 @@ register_schemas()
 __all__ = [
     "ConfigError",
     "ENV_VAR",
-    "EvalTaskConfig",
-    "MTrainConfig",
-    "ModelConfig",
     "PrecisionPlan",
-    "SFTTaskConfig",
-    "TrainerConfig",
     "decide_precision",
     "dtype_for_precision",
     "job_dir",

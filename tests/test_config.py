@@ -11,6 +11,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from mtrain.job import Job
 from mtrain.config import (
     ConfigError,
     PrecisionPlan,
@@ -21,7 +22,7 @@ from mtrain.config import (
     register_resolvers,
     save_resolved,
 )
-from mtrain.models.config import Glm4MoeConfig, Qwen3MoeConfig
+from mtrain.models import Glm4MoeConfig, Qwen3MoeConfig
 from mtrain.tasks import TASKS, get_task
 
 ARCH = {"glm4_moe": Glm4MoeConfig, "qwen3_moe": Qwen3MoeConfig}
@@ -182,7 +183,7 @@ def test_compose_every_combination(monkeypatch, compose_config, rl, model, exper
     if experiment:
         assert cfg.model.arch.hidden_size == 64 and cfg.trainer.max_steps == 300
 
-    resolved, plan = prepare_run(cfg, apply_env=False)
+    resolved, plan = prepare_run(cfg)
     want_gate = {"on": True, "off": False}.get(want_rl, env == "1")
     assert resolved.model.moe_gate_fp32 is want_gate
     assert resolved.model.rope_fp32 is want_gate
@@ -257,14 +258,26 @@ def test_prepare_run_refuses_inconsistent_values(compose_config, overrides, matc
 # --- prepare_run: env, warnings, saved config ------------------------------------------------------------------
 
 
-def test_rl_on_exports_env(compose_config):
-    prepare_run(compose_config(["rl=on"]))
-    assert os.environ["FD_ENABLE_RL"] == "1"
+def test_rl_on_exports_env_for_the_job_only(compose_config):
+    _, plan = prepare_run(compose_config(["rl=on"]))
+    assert "FD_ENABLE_RL" not in os.environ  # deciding changes nothing; the job's environment does
+    with plan.job_env():
+        assert os.environ["FD_ENABLE_RL"] == "1"
+    assert "FD_ENABLE_RL" not in os.environ
 
 
 def test_rl_off_leaves_unset_env_unset(compose_config):
-    prepare_run(compose_config(["rl=off"]))
-    assert "FD_ENABLE_RL" not in os.environ
+    _, plan = prepare_run(compose_config(["rl=off"]))
+    with plan.job_env():
+        assert "FD_ENABLE_RL" not in os.environ
+
+
+def test_rl_off_exports_0_over_a_user_1_and_restores_it(monkeypatch, compose_config):
+    monkeypatch.setenv("FD_ENABLE_RL", "1")
+    _, plan = prepare_run(compose_config(["rl=off"]))
+    with plan.job_env():
+        assert os.environ["FD_ENABLE_RL"] == "0"
+    assert os.environ["FD_ENABLE_RL"] == "1"
 
 
 @pytest.mark.parametrize(
@@ -329,7 +342,7 @@ def test_task_registry():
 
 def test_info_task_runs_without_a_model(monkeypatch, tmp_path, compose_config, capsys):
     monkeypatch.chdir(tmp_path)  # outside a Hydra job, the job dir is the cwd
-    info = get_task("info")(compose_config(["rl=on", "model=qwen3_moe"]))
+    info = get_task("info")(Job.prepare(compose_config(["rl=on", "model=qwen3_moe"])))
     assert info["moe_gate_fp32"] is True and info["moe_gate_fp32_source"] == "rl=on"
     assert json.loads((tmp_path / "info.json").read_text())["moe_gate_fp32_source"] == "rl=on"
     out = capsys.readouterr().out

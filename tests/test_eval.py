@@ -10,17 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose_cfg
+from mtrain.job import Job
+from mtrain.models import save_pretrained
 from mtrain.config import prepare_run
 from mtrain.data import build_datamodule, save_tokenizer, synthetic_tokenizer
 from mtrain.models import build_model, from_pretrained
-from mtrain.models.config import Glm4MoeConfig
+from mtrain.models import Glm4MoeConfig
 from mtrain.tasks import eval as eval_task
 
 
 def _run(tmp_path, monkeypatch, *overrides):
     monkeypatch.chdir(tmp_path)
-    cfg, _ = prepare_run(compose_cfg(["task=eval", "trainer.enable_progress_bar=false", *overrides]), apply_env=False)
-    return eval_task.run(cfg), cfg
+    cfg, _ = prepare_run(compose_cfg(["task=eval", "trainer.enable_progress_bar=false", *overrides]))
+    return eval_task.run(Job.prepare(cfg)), cfg
 
 
 def test_eval_on_hf_checkpoint_matches_hand_computed_loss(tmp_path, monkeypatch):
@@ -30,7 +32,7 @@ def test_eval_on_hf_checkpoint_matches_hand_computed_loss(tmp_path, monkeypatch)
         for layer in model.model.layers:
             if layer.is_moe:
                 layer.mlp.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
-    model.save_pretrained(ckpt)
+    save_pretrained(model, ckpt)
     save_tokenizer(synthetic_tokenizer(), ckpt)
     run_dir = tmp_path / "run"
     run_dir.mkdir()

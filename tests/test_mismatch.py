@@ -8,10 +8,13 @@ import os
 
 import pytest
 import torch
+
+from mtrain.job import Job
+from mtrain.models import PrecisionPolicy
 from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
-from mtrain.mismatch import mismatch_metrics, trainer_recompute
+from mtrain.rl.mismatch import mismatch_metrics, trainer_recompute
 from mtrain.models import Glm4MoeConfig, Qwen3MoeConfig, build_model, from_pretrained
 from mtrain.models.generate import generate
 
@@ -34,7 +37,7 @@ def prompts(n=12, seed=1):
 
 
 def same_weights(cfg, dtype, gate_fp32, rope_fp32, state):
-    model = build_model(cfg, dtype=dtype, moe_gate_fp32=gate_fp32, rope_fp32=rope_fp32, init=False)
+    model = build_model(cfg, dtype=dtype, policy=PrecisionPolicy(gate_fp32, rope_fp32), init=False)
     model.load_state_dict(state)
     return model.eval()
 
@@ -130,7 +133,7 @@ def test_mismatch_task_writes_metrics_table_and_plots(tmp_path, monkeypatch, rl)
     monkeypatch.delenv("FD_ENABLE_RL", raising=False)
     cfg = compose_cfg(tmp_path, [f"rl={rl}", "task=mismatch", "model=qwen3_moe", "task.num_prompts=6",
                                  "task.max_new_tokens=6"])
-    metrics = run(cfg)
+    metrics = run(Job.prepare(cfg))
     for name in ("metrics.json", "tokens.csv", "logprob_diff_hist.png", "routing_disagreement.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -148,7 +151,7 @@ def test_mismatch_task_rejects_unknown_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = compose_cfg(tmp_path, ["task=mismatch", "+task.num_promtps=3"])
     with pytest.raises(ConfigError, match="num_promtps"):
-        run(cfg)
+        run(Job.prepare(cfg))
 
 
 def test_export_task_writes_gate_in_the_decided_dtype(tmp_path, monkeypatch, caplog):
@@ -158,13 +161,13 @@ def test_export_task_writes_gate_in_the_decided_dtype(tmp_path, monkeypatch, cap
     monkeypatch.delenv("FD_ENABLE_RL", raising=False)
     cfg = compose_cfg(tmp_path, ["rl=on", "task=export", "model=glm4_moe", "model.dtype=bfloat16",
                                  f"task.path={tmp_path / 'export'}"])
-    metrics = run(cfg)
+    metrics = run(Job.prepare(cfg))
     assert metrics["gate_dtype"] == "float32" and metrics["moe_gate_fp32"] is True
     with safe_open(tmp_path / "export" / "model.safetensors", "pt") as f:
         assert f.get_slice("model.layers.1.mlp.gate.weight").get_dtype() == "F32"
         assert f.get_slice("model.layers.1.mlp.experts.0.gate_proj.weight").get_dtype() == "BF16"
     with caplog.at_level(logging.WARNING):
-        from_pretrained(tmp_path / "export", moe_gate_fp32=False)
+        from_pretrained(tmp_path / "export", policy=PrecisionPolicy(False))
     assert "exported with moe_gate_fp32=true" in caplog.text
 
 

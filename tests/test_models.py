@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mtrain.models import PrecisionPolicy, RoutingTrace, save_pretrained
 from mtrain.models import CheckpointError, build_model, from_pretrained
-from mtrain.models.config import Glm4MoeConfig, Qwen3MoeConfig
+from mtrain.models import Glm4MoeConfig, Qwen3MoeConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,8 +131,9 @@ def compare(hf, ours, ids):
     picks, hooks = gate_hooks(hf)
     with torch.no_grad():
         ref = hf(ids).logits.float()
-        routing: list = []
-        out = ours(ids, routing=routing).float()
+        trace = RoutingTrace()
+        out = ours(ids, trace=trace).float()
+        routing = [trace.ids[i] for i in trace.layers]
     for h in hooks:
         h.remove()
     assert len(picks) == len(routing) == len(ours.moe_layers) > 0
@@ -167,7 +169,7 @@ def test_round_trip_mtrain_save_transformers_load(family, shard, tmp_path):
     with torch.no_grad():
         for name, b in ours.named_buffers():
             b.normal_(0, 0.05)
-    ours.save_pretrained(tmp_path / "ckpt", **({"max_shard_size": shard} if shard else {}))
+    save_pretrained(ours, tmp_path / "ckpt", **({"max_shard_size": shard} if shard else {}))
     files = sorted(os.listdir(tmp_path / "ckpt"))
     assert ("model.safetensors.index.json" in files) == bool(shard), files
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
@@ -183,7 +185,7 @@ def test_round_trip_mtrain_save_transformers_load(family, shard, tmp_path):
 @pytest.mark.parametrize("gate_fp32", [True, False])
 def test_gate_dtype_follows_policy_and_is_recorded(family, gate_fp32, tmp_path, caplog):
     cfg = (Glm4MoeConfig if family == "glm4_moe" else Qwen3MoeConfig)()
-    model = build_model(cfg, dtype="bfloat16", moe_gate_fp32=gate_fp32)
+    model = build_model(cfg, dtype="bfloat16", policy=PrecisionPolicy(gate_fp32))
     gate = model.model.layers[1].mlp.gate
     assert gate.weight.dtype == (torch.float32 if gate_fp32 else torch.bfloat16)
     assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
@@ -196,7 +198,7 @@ def test_gate_dtype_follows_policy_and_is_recorded(family, gate_fp32, tmp_path, 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert gate.logits(x).dtype == (torch.float32 if gate_fp32 else torch.bfloat16)
 
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as f:
         stored = f.get_slice("model.layers.1.mlp.gate.weight").get_dtype()
     assert stored == ("F32" if gate_fp32 else "BF16")
@@ -205,20 +207,20 @@ def test_gate_dtype_follows_policy_and_is_recorded(family, gate_fp32, tmp_path, 
 
     # same policy: silent; other policy: one warning, or a refusal when asked
     with caplog.at_level(logging.WARNING):
-        from_pretrained(tmp_path / "ckpt", moe_gate_fp32=gate_fp32)
+        from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(gate_fp32))
     assert "gate precision mismatch" not in caplog.text
     with caplog.at_level(logging.WARNING):
-        loaded = from_pretrained(tmp_path / "ckpt", moe_gate_fp32=not gate_fp32)
+        loaded = from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(not gate_fp32))
     assert "gate precision mismatch" in caplog.text and "moe_gate_fp32" in caplog.text
     assert loaded.gate_dtype() == (torch.float32 if not gate_fp32 else torch.bfloat16)
     with pytest.raises(CheckpointError, match="gate precision mismatch"):
-        from_pretrained(tmp_path / "ckpt", moe_gate_fp32=not gate_fp32, gate_mismatch="error")
+        from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(not gate_fp32), gate_mismatch="error")
 
 
 @pytest.fixture
 def good_ckpt(tmp_path):
     model = build_model(Qwen3MoeConfig(), seed=0)
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     return tmp_path / "ckpt"
 
 
@@ -279,7 +281,7 @@ def test_bad_checkpoint_is_refused_clearly(good_ckpt, how):
 def test_save_refuses_to_overwrite(good_ckpt):
     before = _listing(good_ckpt)
     with pytest.raises(CheckpointError, match="already exists"):
-        build_model(Qwen3MoeConfig()).save_pretrained(good_ckpt)
+        save_pretrained(build_model(Qwen3MoeConfig()), good_ckpt)
     assert _listing(good_ckpt) == before
 
 
@@ -290,7 +292,7 @@ def test_tokenizer_from_checkpoint_folder(tmp_path):
     tok = tokenizers.Tokenizer(WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    build_model(Qwen3MoeConfig()).save_pretrained(tmp_path / "ckpt", tokenizer_file=tmp_path / "tokenizer.json")
+    save_pretrained(build_model(Qwen3MoeConfig()), tmp_path / "ckpt", tokenizer_file=tmp_path / "tokenizer.json")
     loaded = tokenizers.Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json"))
     assert loaded.encode("a b a").ids == [0, 1, 0]
 

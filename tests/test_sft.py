@@ -9,26 +9,29 @@ import math
 import lightning as L
 import pytest
 import torch
+
+from mtrain.job import Job
+from mtrain.models import PrecisionPolicy
 import torch.nn.functional as F
 
 from conftest import compose_cfg, run_cli
 from mtrain.config import prepare_run
 from mtrain.data import DataConfig, DataError, build_datamodule, save_tokenizer, synthetic_tokenizer
-from mtrain.lit import MoELitModule, WarmupCosine, active_params_per_token, build_setup, build_trainer, param_groups
-from mtrain.lit.setup import configure_backends
+from mtrain.job import build_setup
+from mtrain.lit import MoELitModule, WarmupCosine, build_trainer, param_groups
+from mtrain.models.flops import active_params_per_token
 from mtrain.models import build_model, from_pretrained
-from mtrain.models.config import Glm4MoeConfig, Qwen3MoeConfig
+from mtrain.models import Glm4MoeConfig, Qwen3MoeConfig
 from mtrain.models.moe import Router
 
 TINY_DATA = ["data.num_train=64", "data.num_val=16", "data.batch_size=16"]
 TINY_TRAINER = ["trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
 
 
-def prepared(*overrides: str):
-    """The prepared config of ``python -m mtrain <overrides>``, with tiny synthetic data unless data= is given."""
+def prepared(*overrides: str, run_dir=None) -> Job:
+    """The prepared job of ``python -m mtrain <overrides>``, with tiny synthetic data unless data= is given."""
     data = [] if any(o.startswith("data=") for o in overrides) else TINY_DATA
-    cfg, _ = prepare_run(compose_cfg([*data, *TINY_TRAINER, *overrides]), apply_env=False)
-    return cfg
+    return Job.prepare(compose_cfg([*data, *TINY_TRAINER, *overrides]), run_dir)
 
 
 class Probe(L.Callback):
@@ -55,26 +58,26 @@ class Probe(L.Callback):
         self.end = self.snapshot(trainer, module)
 
 
-def _fit(cfg, run_dir, max_steps, ckpt_path=None):
+def _fit(job, run_dir, max_steps, ckpt_path=None):
     L.seed_everything(0, verbose=False)
-    s = build_setup(cfg)
+    s = build_setup(job)
     lit = MoELitModule(s.model, lr=1e-2, warmup_steps=2, weight_decay=0.1)
     probe = Probe()
-    trainer = build_trainer(cfg, run_dir, callbacks=[probe], max_steps=max_steps)
+    trainer = build_trainer(job.cfg, run_dir, callbacks=[probe], max_steps=max_steps)
     trainer.fit(lit, datamodule=s.datamodule, ckpt_path=ckpt_path)
     return trainer, probe
 
 
 def test_fit_checkpoint_resume_continues_with_same_optimizer_state(tmp_path):
-    cfg = prepared("model=qwen3_moe")
+    job = prepared("model=qwen3_moe")
     # 3 steps with validation every 2: ModelCheckpoint alone would leave last.ckpt at step 2
-    _, first = _fit(cfg, tmp_path / "a", max_steps=3)
+    _, first = _fit(job, tmp_path / "a", max_steps=3)
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert last.is_file() and list((tmp_path / "a" / "checkpoints").glob("best-*.ckpt"))
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert saved["global_step"] == 3 and first.end["step"] == 3
 
-    trainer, second = _fit(cfg, tmp_path / "b", max_steps=6, ckpt_path=str(last))
+    trainer, second = _fit(job, tmp_path / "b", max_steps=6, ckpt_path=str(last))
     assert second.start["step"] == 3  # continues at the right step ...
     assert second.start["sched"] == first.end["sched"] == 3 and second.start["lr"] == pytest.approx(first.end["lr"])
     assert second.start["opt"].keys() == first.end["opt"].keys() and first.end["opt"]
@@ -97,7 +100,7 @@ def test_fit_checkpoint_resume_continues_with_same_optimizer_state(tmp_path):
 def test_bf16_true_keeps_fp32_gate_inside_training_step(tmp_path, monkeypatch, model, built_as):
     """Lightning's bf16-true plugin casts the whole module; the fp32 gate must stay fp32 and its logits be fp32,
     while experts (and everything else) run in bf16."""
-    cfg = prepared(f"model={model}", "rl=on", f"model.dtype={built_as}", "trainer.precision=bf16-true")
+    job = prepared(f"model={model}", "rl=on", f"model.dtype={built_as}", "trainer.precision=bf16-true")
     seen = []
     logits_dtypes = []
     orig = Router.logits
@@ -124,9 +127,9 @@ def test_bf16_true_keeps_fp32_gate_inside_training_step(tmp_path, monkeypatch, m
             seen[-1]["logits"] = set(logits_dtypes)
             return loss
 
-    s = build_setup(cfg)
+    s = build_setup(job)
     lit = Checked(s.model, lr=1e-3, warmup_steps=0)
-    trainer = build_trainer(cfg, tmp_path, max_steps=2, checkpoint=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = build_trainer(job.cfg, tmp_path, max_steps=2, checkpoint=False, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(lit, datamodule=s.datamodule)
     assert len(seen) == 2
     for step in seen:
@@ -140,19 +143,19 @@ def test_bf16_true_keeps_fp32_gate_inside_training_step(tmp_path, monkeypatch, m
 
 
 def test_bf16_true_without_fp32_gate_runs_the_gate_in_bf16(tmp_path, monkeypatch):
-    cfg = prepared("model=qwen3_moe", "rl=off", "trainer.precision=bf16-true")
+    job = prepared("model=qwen3_moe", "rl=off", "trainer.precision=bf16-true")
     dtypes = []
     orig = Router.logits
     monkeypatch.setattr(Router, "logits", lambda self, x: dtypes.append((self.weight.dtype, (o := orig(self, x)).dtype)) or o)
-    s = build_setup(cfg)
+    s = build_setup(job)
     lit = MoELitModule(s.model, lr=1e-3, warmup_steps=0)
-    trainer = build_trainer(cfg, tmp_path, max_steps=1, checkpoint=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = build_trainer(job.cfg, tmp_path, max_steps=1, checkpoint=False, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(lit, datamodule=s.datamodule)
     assert dtypes and set(dtypes) == {(torch.bfloat16, torch.bfloat16)}
 
 
 def test_gate_policy_check_catches_a_cast_gate():
-    model = build_model(Glm4MoeConfig(), moe_gate_fp32=True)
+    model = build_model(Glm4MoeConfig(), policy=PrecisionPolicy(True))
     lit = MoELitModule(model)
     lit.check_gate_policy()
     moe = next(layer.mlp for layer in model.model.layers if layer.is_moe)
@@ -165,9 +168,9 @@ def test_fp32_gate_on_cuda_turns_tf32_off():
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        configure_backends(moe_gate_fp32=False, cuda=True)
+        PrecisionPolicy(gate_fp32=False).apply_backends(cuda=True)
         assert torch.backends.cuda.matmul.allow_tf32
-        configure_backends(moe_gate_fp32=True, cuda=True)
+        PrecisionPolicy(gate_fp32=True).apply_backends(cuda=True)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
@@ -283,23 +286,24 @@ def test_cli_default_job(tmp_path):
 def test_real_checkpoint_experiments_compose_for_gpu(tmp_path, experiment, model):
     from mtrain.config import ConfigError
 
-    cfg, plan = prepare_run(compose_cfg([f"experiment={experiment}"]), apply_env=False)
+    job = Job.prepare(compose_cfg([f"experiment={experiment}"]))
+    cfg, plan = job.cfg, job.plan
     assert cfg.model.name == model and cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-true"
     assert cfg.model.dtype == "bfloat16" and plan.moe_gate_fp32 and cfg.task.name == "sft" and cfg.data.name == "jsonl"
-    with pytest.raises(ConfigError, match=r"data.train_path must be set"):
-        build_setup(cfg)
+    with pytest.raises(DataError, match=r"needs a file: set data.train_path="):
+        build_setup(job)
     data = tmp_path / "x.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n')
-    cfg, _ = prepare_run(compose_cfg([f"experiment={experiment}", f"data.train_path={data}"]), apply_env=False)
+    job = Job.prepare(compose_cfg([f"experiment={experiment}", f"data.train_path={data}"]))
     with pytest.raises(DataError, match="model.checkpoint"):  # no checkpoint: no tokenizer for the JSONL data
-        build_setup(cfg)
+        build_setup(job)
     cfg, _ = prepare_run(compose_cfg([f"experiment={experiment}", f"model.checkpoint={tmp_path}",
-                                      f"data.train_path={data}"]), apply_env=False)
+                                      f"data.train_path={data}"]))
     assert cfg.model.checkpoint == str(tmp_path) and cfg.task.lr == pytest.approx(1e-5)
 
 
 def test_trainer_gpu_composes_bf16_true_with_compile():
-    cfg, plan = prepare_run(compose_cfg(["trainer=gpu", "rl=on"]), apply_env=False)
+    cfg, plan = prepare_run(compose_cfg(["trainer=gpu", "rl=on"]))
     assert cfg.trainer.precision == "bf16-true" and cfg.model.dtype == "bfloat16" and cfg.task.compile is True
     assert plan.moe_gate_fp32 and cfg.precision.dtype.source == "trainer.precision=bf16-true"
 

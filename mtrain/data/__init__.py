@@ -3,7 +3,8 @@
 Batches: ``{"input_ids": LongTensor[B, S], "targets": LongTensor[B, S]}``, targets already shifted, -100 = no loss.
 """
 
-from mtrain.data.config import DataConfig, DataError
+from mtrain.data.config import DataConfig
+from mtrain.data.errors import DataError
 from mtrain.data.datasets import (
     IGNORE,
     Collator,

@@ -1,4 +1,4 @@
-"""The typed ``data`` node of the Hydra schema, and the one error type of the data layer.
+"""The typed ``data`` node of the Hydra schema.
 
 ``DataConfig`` is a plain dataclass with OmegaConf-compatible field types only, so ``mtrain/config.py`` can use it
 as the structured ``data`` node and ``conf/data/*.yaml`` fill it. Defaults are the tiny CPU default run
@@ -14,13 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from mtrain.data.errors import DataError
+from mtrain.data.synthetic import TASKS
+
 NAMES = ("synthetic", "jsonl", "text")
 TRUNCATION = ("error", "truncate")
 TEXT_UNITS = ("paragraph", "line", "file")
-
-
-class DataError(ValueError):
-    """Bad data or data settings. The message names the file (and line) and says how to fix it."""
 
 
 @dataclass
@@ -81,8 +80,6 @@ class DataConfig:
         if self.name in ("jsonl", "text") and not self.train_path:
             raise DataError(f"data={self.name} needs a file: set data.train_path=/path/to/your.{self.name_ext}")
         if self.name == "synthetic":
-            from mtrain.data.synthetic import TASKS
-
             if self.task not in TASKS:
                 raise bad("task", self.task, TASKS)
             if self.num_digits < 1 or self.num_train < 1 or self.num_val < 0:

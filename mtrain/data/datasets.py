@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import Dataset
 from tokenizers import Tokenizer
 
-from mtrain.data.config import DataError
+from mtrain.data.errors import DataError
 
 IGNORE = -100
 Example = Tuple[List[int], List[bool]]  # token ids, is-target flags

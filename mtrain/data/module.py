@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from tokenizers import Tokenizer
 
 from mtrain.data import synthetic
-from mtrain.data.config import DataConfig, DataError
+from mtrain.data.config import DataConfig
+from mtrain.data.errors import DataError
 from mtrain.data.datasets import Collator, Record, TokenDataset, encode_records, make_dataset, read_records
 from mtrain.data.tokenizer import load_tokenizer, special_ids, synthetic_tokenizer
 

@@ -19,7 +19,7 @@ import random
 import re
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from mtrain.data.config import DataError
+from mtrain.data.errors import DataError
 
 TASKS = ("add", "sort", "reverse")
 Example = Dict[str, str]

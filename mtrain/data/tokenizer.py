@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from mtrain.data.config import DataError
+from mtrain.data.errors import DataError
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3

@@ -12,6 +12,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
+from mtrain.plots import figure, smooth
+
 log = logging.getLogger("mtrain")
 
 
@@ -21,35 +23,24 @@ def plot_loss_curve(
     """Write a PNG of the training loss (raw and smoothed) and the validation loss against the optimizer step."""
     if not train and not val:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        steps, losses = zip(*train)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="train (per batch)")
-        k = max(1, len(losses) // 50)
-        if k > 1:
-            smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
-            ax.plot(steps, smooth, color="tab:blue", lw=1.6, label=f"train (mean of {k})")
-    if val:
-        steps, losses = zip(*val)
-        ax.plot(steps, losses, "o-", color="tab:orange", lw=1.6, ms=4, label="val")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean token cross-entropy)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    with figure(path, size=(7, 4)) as ax:
+        if train:
+            steps, losses = zip(*train)
+            ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="train (per batch)")
+            k = max(1, len(losses) // 50)
+            if k > 1:
+                ax.plot(steps, smooth(losses, k), color="tab:blue", lw=1.6, label=f"train (mean of {k})")
+        if val:
+            steps, losses = zip(*val)
+            ax.plot(steps, losses, "o-", color="tab:orange", lw=1.6, ms=4, label="val")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (mean token cross-entropy)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        if title:
+            ax.set_title(title, fontsize=10)
+    return Path(path)
 
 
 class LossCurve(Callback):
@@ -95,9 +86,13 @@ class SaveLastOnTrainEnd(Callback):
         cb.last_model_path = path
 
 
-def make_checkpoint(run_dir: Path, has_val: bool, save_top_k: int = 1) -> ModelCheckpoint:
-    """``<run dir>/checkpoints/last.ckpt`` always; plus the ``save_top_k`` best by ``val/loss`` when there is val data."""
+def make_checkpoint(
+    run_dir: Path, has_val: bool, save_top_k: int = 1, every_n_train_steps: Optional[int] = None
+) -> ModelCheckpoint:
+    """``<run dir>/checkpoints/last.ckpt`` always (also every ``every_n_train_steps`` optimizer steps when given);
+    plus the ``save_top_k`` best by ``val/loss`` when there is val data."""
     return ModelCheckpoint(
+        every_n_train_steps=every_n_train_steps,
         dirpath=str(run_dir / "checkpoints"),
         filename="best-step{step:06d}-val{val/loss:.4f}" if has_val else "step{step:06d}",
         auto_insert_metric_name=False,
@@ -112,7 +107,8 @@ class StepProgressBar(ProgressBar):
     """One tqdm bar over optimizer steps (``trainer.max_steps``), with loss and tokens/s; a bar over the batches of
     a stand-alone validation (``task=eval``). Lightning's default bar counts epochs, which mean little here."""
 
-    SHOW = {"train/loss": "loss", "val/loss": "val", "train/tokens_per_s": "tok/s"}
+    SHOW = {"train/loss": "loss", "val/loss": "val", "train/tokens_per_s": "tok/s", "reward_mean": "reward",
+            "accuracy": "acc", "mismatch_k3": "k3"}
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,6 +1,6 @@
 """``MoELitModule``: an mtrain model as a LightningModule (causal-LM loss, AdamW + warm-up/cosine, throughput/MFU).
 
-The model is built BEFORE the module (``mtrain.tasks.common.model_from_config``), in the run's dtype with the run's
+The model is built BEFORE the module (``mtrain.job.model_from_config``), in the run's dtype with the run's
 gate policy, and handed in. Lightning's ``bf16-true`` plugin then casts the whole module with ``.to(bfloat16)``;
 ``Router._apply`` keeps an fp32 gate fp32 through that, and :meth:`on_fit_start` checks it (building the model inside
 ``configure_model`` would be wrong: the plugin sets the default dtype to bf16 there, so the gate would be BORN bf16).
@@ -19,8 +19,8 @@ from typing import Any, Callable, Optional, Sequence
 import lightning as L
 import torch
 
-from mtrain.lit.flops import eval_flops_per_token, train_flops_per_token
-from mtrain.models import MoECausalLM
+from mtrain.models import MoECausalLM, family_of, token_logprobs
+from mtrain.models.flops import eval_flops_per_token, train_flops_per_token
 from mtrain.models.loss import IGNORE_INDEX
 from mtrain.parallel import root_unsharded
 from mtrain.parallel.lightning import FSDPPlan
@@ -44,33 +44,14 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    """Parameters AdamW must not decay: norms, biases, router bias, any vector."""
-    return param.ndim < 2 or name.endswith(".bias") or "norm" in name or "e_score_correction_bias" in name
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: MoECausalLM, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices; none on what the model's family exempts (norms, biases, vectors, ...)."""
+    family = family_of(model)
     decay, keep = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (keep if no_decay(name, p) else decay).append(p)
+            (keep if family.no_decay_param(name, p.ndim) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
-
-
-@torch.no_grad()
-def token_logprobs(model: MoECausalLM, input_ids: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """fp32 log-probability of each target [B, S] (0 where the target is ignored), from model-dtype logits
-    computed ``chunk`` positions at a time (as the training loss does), so a 150k vocabulary fits."""
-    h = model.hidden_states(input_ids).flatten(0, 1)
-    t = targets.flatten()
-    w = model.output_weight
-    out = torch.zeros(t.shape, dtype=torch.float32, device=h.device)
-    for s in range(0, h.shape[0], chunk):
-        logits = (h[s : s + chunk] @ w.t()).float()
-        tc = t[s : s + chunk]
-        lp = logits.log_softmax(-1).gather(1, tc.clamp(min=0)[:, None]).squeeze(1)
-        out[s : s + chunk] = torch.where(tc != IGNORE_INDEX, lp, 0.0)
-    return out.view(targets.shape)
 
 
 def _sync(device: torch.device) -> None:
@@ -130,9 +111,7 @@ class MoELitModule(L.LightningModule):
 
     def check_gate_policy(self) -> None:
         """The gate precision decided for the run must have survived the precision plugin."""
-        gate = self.model.gate_dtype()
-        if self.model.moe_gate_fp32 and gate not in (None, torch.float32):
-            raise RuntimeError(f"moe_gate_fp32 is on but the router gate is {gate} after the precision plugin ran")
+        self.model.policy.check(self.model)
 
     def on_fit_start(self) -> None:
         self.check_gate_policy()
@@ -251,7 +230,7 @@ class MoELitModule(L.LightningModule):
         ids, targets = batch["input_ids"], batch["targets"]
         count = (targets != IGNORE_INDEX).sum()
         if self.logprob_sink is not None:
-            with root_unsharded(self.model):  # token_logprobs reads output_weight outside forward
+            with torch.no_grad(), root_unsharded(self.model):  # token_logprobs reads output_weight outside forward
                 lp = token_logprobs(self.model, ids, targets)
             loss_sum = -lp.double().sum()
             self.logprob_sink(batch, lp)

@@ -1,24 +1,21 @@
-"""Native PyTorch GLM4-MoE and Qwen3-MoE (no Lightning, no Hydra)."""
+"""Native PyTorch MoE language models (no Lightning, no Hydra): shared blocks, one module per family under
+``families/`` registered in ``registry``, HF checkpoint I/O, the rollout path, token logprobs and routing traces."""
 
+from . import families  # noqa: F401  (registers every family)
 from .checkpoint import CheckpointError, build_model, from_pretrained, read_config, save_pretrained
-from .config import CONFIGS, Glm4MoeConfig, MoEConfig, Qwen3MoeConfig
-from .glm4_moe import Glm4MoeForCausalLM
+from .config import MoEConfig
+from .families.glm4_moe import Glm4MoeConfig, Glm4MoeForCausalLM
+from .families.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from .layers import KVCache
-from .qwen3_moe import Qwen3MoeForCausalLM
+from .logprobs import gather_logprobs, token_logprobs
+from .precision import PrecisionPolicy
+from .registry import FAMILIES, ModelFamily, family_of, get_family, register
+from .routing import RoutingTrace
 from .transformer import MoECausalLM
 
 __all__ = [
-    "CONFIGS",
-    "CheckpointError",
-    "Glm4MoeConfig",
-    "Glm4MoeForCausalLM",
-    "KVCache",
-    "MoEConfig",
-    "MoECausalLM",
-    "Qwen3MoeConfig",
-    "Qwen3MoeForCausalLM",
-    "build_model",
-    "from_pretrained",
-    "read_config",
-    "save_pretrained",
+    "FAMILIES", "CheckpointError", "Glm4MoeConfig", "Glm4MoeForCausalLM", "KVCache", "MoEConfig", "MoECausalLM",
+    "ModelFamily", "PrecisionPolicy", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "RoutingTrace", "build_model",
+    "family_of", "from_pretrained", "gather_logprobs", "get_family", "read_config", "register", "save_pretrained",
+    "token_logprobs",
 ]

@@ -23,18 +23,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import CONFIGS, MoEConfig
-from .glm4_moe import Glm4MoeForCausalLM
-from .qwen3_moe import Qwen3MoeForCausalLM
+from .adapter import UnexpectedKey
+from .config import MoEConfig
+from .precision import PrecisionPolicy
+from .registry import FAMILIES, family_of, get_family
 from .transformer import MoECausalLM
 
 log = logging.getLogger(__name__)
 
-MODELS: dict[str, type[MoECausalLM]] = {m.config_class.model_type: m for m in (Qwen3MoeForCausalLM, Glm4MoeForCausalLM)}
 PRECISION_FILE = "mtrain_precision.json"
 INDEX_FILE = "model.safetensors.index.json"
-_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,15 +54,14 @@ def build_model(
     *,
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
-    moe_gate_fp32: bool = False,
-    rope_fp32: bool = False,
+    policy: PrecisionPolicy = PrecisionPolicy(),
     seed: int | None = 0,
     init: bool = True,
 ) -> MoECausalLM:
-    """A model of ``cfg``'s architecture, allocated directly on ``device`` in ``dtype`` (the gate per policy)."""
-    cls = MODELS[cfg.model_type]
+    """A model of ``cfg``'s family, allocated directly on ``device`` in ``dtype`` (the gate and RoPE per ``policy``).
+    ``device="meta"`` allocates nothing (FSDP fills each rank's shards later)."""
     with torch.device("meta"):
-        model = cls(cfg, moe_gate_fp32=moe_gate_fp32, rope_fp32=rope_fp32)
+        model = get_family(cfg.model_type).model(cfg, policy)
     model = model.to(dtype=dtype_of(dtype)).to_empty(device=device)
     if init:
         model.init_weights(seed)
@@ -83,26 +80,26 @@ def read_config(path: str | os.PathLike, expected_model_type: str | None = None)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); re-export the checkpoint") from None
     model_type = hf.get("model_type")
-    if model_type not in CONFIGS:
-        raise CheckpointError(f"{cfg_file}: model_type={model_type!r} is not supported; mtrain loads {sorted(CONFIGS)}")
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"{cfg_file}: model_type={model_type!r} is not supported; mtrain loads {sorted(FAMILIES)}")
     if expected_model_type is not None and model_type != expected_model_type:
         raise CheckpointError(
             f"{cfg_file}: model_type={model_type!r} does not match the chosen model={expected_model_type}; "
             f"use model={model_type} for this checkpoint"
         )
     try:
-        return CONFIGS[model_type].from_hf(hf)
+        return FAMILIES[model_type].config.from_hf(hf)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
-def _checkpoint_dtype(folder: Path) -> torch.dtype | None:
+def checkpoint_dtype(folder: Path) -> torch.dtype | None:
     hf = json.loads((folder / "config.json").read_text())
     name = hf.get("dtype") or hf.get("torch_dtype")
     return _DTYPES.get(str(name)) if name else None
 
 
-def _shard_files(folder: Path) -> list[Path]:
+def shard_files(folder: Path) -> list[Path]:
     index = folder / INDEX_FILE
     if index.is_file():
         try:
@@ -130,71 +127,71 @@ def from_pretrained(
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
-    moe_gate_fp32: bool = False,
-    rope_fp32: bool = False,
+    policy: PrecisionPolicy = PrecisionPolicy(),
     expected_model_type: str | None = None,
     gate_mismatch: str = "warn",
 ) -> MoECausalLM:
-    """Load an HF checkpoint folder (``glm4_moe`` or ``qwen3_moe``). ``dtype=None`` keeps the checkpoint's dtype.
+    """Load an HF checkpoint folder of a registered family. ``dtype=None`` keeps the checkpoint's dtype.
 
     ``gate_mismatch``: what to do when the stored gate dtype or the recorded export policy differs from
-    ``moe_gate_fp32`` -- ``"warn"`` (default) or ``"error"``.
+    ``policy.gate_fp32`` -- ``"warn"`` (default) or ``"error"``.
     """
     folder = Path(path)
     cfg = read_config(folder, expected_model_type)
-    files = _shard_files(folder)
-    dtype = dtype_of(dtype) or _checkpoint_dtype(folder) or torch.float32
-    model = build_model(cfg, dtype=dtype, device=device, moe_gate_fp32=moe_gate_fp32, rope_fp32=rope_fp32, init=False)
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
-    filled: set[tuple[str, int | None, str | None]] = set()
+    files = shard_files(folder)
+    dtype = dtype_of(dtype) or checkpoint_dtype(folder) or torch.float32
+    model = build_model(cfg, dtype=dtype, device=device, policy=policy, init=False)
+    params = tensors_of(model)
+    gates = gate_names(model)
+    filled: set = set()
     gate_dtypes: set[torch.dtype] = set()
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    target = _target(key, cfg, params, file)
+                    target = map_key(model, key, params, file)
                     if target is None:
                         continue
                     name, expert, part = target
                     tensor = f.get_tensor(key)
-                    if name.endswith("mlp.gate.weight"):
+                    if name in gates:
                         gate_dtypes.add(tensor.dtype)
-                    _copy_into(params[name], expert, part, tensor, key, file)
+                    _copy_into(model, params[name], target, tensor, key, file)
                     filled.add(target)
         except SafetensorError as e:
             raise CheckpointError(f"{file} is corrupt or truncated ({e}); re-download or re-export it") from None
-    _check_complete(model, cfg, filled, folder)
-    _check_gate(folder, gate_dtypes, moe_gate_fp32, gate_mismatch)
+    check_complete(model, filled, folder)
+    check_gate(folder, gate_dtypes, policy.gate_fp32, gate_mismatch)
     return model
 
 
-def _target(key: str, cfg: MoEConfig, params: dict, file: Path) -> tuple[str, int | None, str | None] | None:
-    """Map a checkpoint key to (parameter name, expert index or None, 'gate'/'up'/'down' or None); None = skip."""
-    layer = _LAYER_KEY.match(key)
-    if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
-        return None  # GLM MTP (next-token-prediction) layers live after the decoder layers
-    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings):
-        return None
-    m = _EXPERT_KEY.match(key)
-    if m and m.group(1) + ".gate_up_proj" in params:
-        prefix, expert, part = m.groups()
-        fused = prefix + (".down_proj" if part == "down" else ".gate_up_proj")
-        return fused, int(expert), part
-    if key in params:
-        return key, None, None
-    raise CheckpointError(
-        f"{file.name}: unexpected key {key!r} for a {cfg.model_type} with {cfg.num_hidden_layers} layers; "
-        f"the checkpoint does not match its config.json"
-    )
+def tensors_of(model: MoECausalLM) -> dict[str, torch.Tensor]:
+    return dict(model.named_parameters()) | dict(model.named_buffers())
 
 
-def _copy_into(param: torch.Tensor, expert: int | None, part: str | None, tensor: torch.Tensor, key: str, file: Path):
-    dest = param.data
+def gate_names(model: MoECausalLM) -> set[str]:
+    """In-memory names of the router gate weights (whose stored dtype the precision check reads)."""
+    return {f"{prefix}.weight" for prefix, _ in model.routers()}
+
+
+def map_key(model: MoECausalLM, key: str, params: dict, file: Path):
+    """Where checkpoint ``key`` lands in ``model`` (the family adapter's target), None = skipped."""
+    cfg = model.config
+    try:
+        return family_of(model).adapter.target(key, cfg.num_hidden_layers, cfg.tie_word_embeddings, params)
+    except UnexpectedKey:
+        raise CheckpointError(
+            f"{file.name}: unexpected key {key!r} for a {cfg.model_type} with {cfg.num_hidden_layers} layers; "
+            f"the checkpoint does not match its config.json"
+        ) from None
+
+
+def _copy_into(model: MoECausalLM, param: torch.Tensor, target, tensor: torch.Tensor, key: str, file: Path):
+    name, expert, part = target
+    box = family_of(model).adapter.box(tuple(param.shape), expert, part)
+    dest = param.data[tuple(slice(lo, hi) for lo, hi in box)]
     if expert is not None:
-        dest = dest[expert]
-        if part != "down":
-            half = dest.shape[0] // 2
-            dest = dest[:half] if part == "gate" else dest[half:]
+        dest = dest[0]
     if tuple(tensor.shape) != tuple(dest.shape):
         raise CheckpointError(
             f"{file.name}: {key} has shape {tuple(tensor.shape)} but config.json implies {tuple(dest.shape)}; "
@@ -203,26 +200,14 @@ def _copy_into(param: torch.Tensor, expert: int | None, part: str | None, tensor
     dest.copy_(tensor)
 
 
-def _check_complete(model: MoECausalLM, cfg: MoEConfig, filled: set, folder: Path) -> None:
-    missing = []
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
-            parts = ("down",) if name.endswith("down_proj") else ("gate", "up")
-            whole = (name, None, None) in filled
-            for e in range(p.shape[0]):
-                missing += [
-                    f"{name.rsplit('.', 1)[0]}.{e}.{part}_proj.weight"
-                    for part in parts
-                    if not whole and (name, e, part) not in filled
-                ]
-        elif (name, None, None) not in filled:
-            missing.append(name)
+def check_complete(model: MoECausalLM, filled: set, folder: Path) -> None:
+    missing = family_of(model).adapter.missing(tensors_of(model).items(), filled)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise CheckpointError(f"{folder}: missing keys {missing[:3]}{more}; the checkpoint is incomplete")
 
 
-def _check_gate(folder: Path, gate_dtypes: set, moe_gate_fp32: bool, gate_mismatch: str) -> None:
+def check_gate(folder: Path, gate_dtypes: set, moe_gate_fp32: bool, gate_mismatch: str) -> None:
     want = "float32" if moe_gate_fp32 else "the model dtype"
     problems = []
     stored = {str(d).removeprefix("torch.") for d in gate_dtypes}
@@ -246,23 +231,10 @@ def _check_gate(folder: Path, gate_dtypes: set, moe_gate_fp32: bool, gate_mismat
 
 
 # -- writing ---------------------------------------------------------------------------------------------------------
-def _hf_tensors(model: MoECausalLM, named=None):
-    """Yield (HF key, tensor) with per-expert keys, in model order. ``named``: (name, tensor) pairs to split instead
-    of the model's own parameters and buffers (e.g. a sharded model's, gathered one at a time)."""
-    if named is None:
-        named = list(model.named_parameters()) + list(model.named_buffers())
-    for name, t in named:
-        if name.endswith("experts.gate_up_proj"):
-            prefix, half = name[: -len(".gate_up_proj")], t.shape[1] // 2
-            for e in range(t.shape[0]):
-                yield f"{prefix}.{e}.gate_proj.weight", t[e, :half]
-                yield f"{prefix}.{e}.up_proj.weight", t[e, half:]
-        elif name.endswith("experts.down_proj"):
-            prefix = name[: -len(".down_proj")]
-            for e in range(t.shape[0]):
-                yield f"{prefix}.{e}.down_proj.weight", t[e]
-        else:
-            yield name, t
+def hf_tensors(model: MoECausalLM, named=None):
+    """Yield (HF key, tensor) in model order through the family's adapter. ``named``: (name, tensor) pairs to write
+    instead of the model's own parameters and buffers (e.g. a sharded model's, gathered one at a time)."""
+    return family_of(model).adapter.to_hf(tensors_of(model).items() if named is None else named)
 
 
 def _parse_size(size: int | str) -> int:
@@ -288,7 +260,7 @@ def save_pretrained(
     ``moe_gate_fp32``); ``mtrain_precision.json`` records the policy. Refuses to replace an existing checkpoint
     unless ``overwrite``; writes into a temporary folder first so a failure leaves nothing half-written.
 
-    ``tensors``: an iterable of (HF key, tensor) to write instead of the model's own (default ``_hf_tensors(model)``),
+    ``tensors``: an iterable of (HF key, tensor) to write instead of the model's own (default ``hf_tensors(model)``),
     consumed lazily -- one shard is held in memory at a time (``mtrain.parallel.export_hf`` streams a sharded
     model's parameters through it). ``dtype``: write floating tensors in this dtype (e.g. bf16 from fp32 master
     weights), except what the precision policy keeps fp32 (the gate under ``moe_gate_fp32``, GLM's bias)."""
@@ -309,8 +281,9 @@ def save_pretrained(
             current.clear()
 
         dtype = dtype_of(dtype)
-        for key, t in _hf_tensors(model) if tensors is None else tensors:
-            if dtype is not None and t.is_floating_point() and not _keeps_fp32(model, key):
+        fp32 = fp32_keys(model)
+        for key, t in hf_tensors(model) if tensors is None else tensors:
+            if dtype is not None and t.is_floating_point() and key not in fp32:
                 t = t.to(dtype)
             nbytes = t.numel() * t.element_size()
             if current and size + nbytes > limit:
@@ -353,9 +326,10 @@ def save_pretrained(
     return dest
 
 
-def _keeps_fp32(model: MoECausalLM, key: str) -> bool:
-    """Tensors the precision policy stores in fp32 whatever the model dtype."""
-    return key.endswith("e_score_correction_bias") or (model.moe_gate_fp32 and key.endswith("mlp.gate.weight"))
+def fp32_keys(model: MoECausalLM) -> set[str]:
+    """HF keys of the tensors the precision policy stores in fp32 whatever the model dtype."""
+    fp32 = model.fp32_names()
+    return {key for key, _ in family_of(model).adapter.to_hf((n, t) for n, t in tensors_of(model).items() if n in fp32)}
 
 
 def _shard_name(i: int, n: int) -> str:

@@ -1,7 +1,8 @@
-"""Architecture configs of the two MoE families, with Hugging Face ``config.json`` field names.
+"""The architecture config every MoE family extends, with Hugging Face ``config.json`` field names.
 
-Plain dataclasses (no Hydra, no OmegaConf): the Hydra schema reuses them as the typed ``model.arch`` node, and
-``checkpoint.py`` fills them from ``config.json``. Field names are the HF ones so a user can copy values across.
+Plain dataclasses (no Hydra, no OmegaConf): the Hydra schema reuses each family's subclass as the typed
+``model.arch`` node, and ``checkpoint.py`` fills it from ``config.json``. Field names are the HF ones so a user can
+copy values across. A family's config lives in its module under ``families/``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class MoEConfig:
     def head_dim_(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    @property
+    def shared_expert_intermediate_size(self) -> int:
+        """Intermediate size of the always-active shared expert(s) of an MoE layer (0: none)."""
+        return 0
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         raise NotImplementedError
 
@@ -98,93 +104,3 @@ class MoEConfig:
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": d["rope_theta"]}
         d["model_type"] = self.model_type
         return d
-
-
-@dataclass
-class Qwen3MoeConfig(MoEConfig):
-    model_type: ClassVar[str] = "qwen3_moe"
-    architectures: ClassVar[list[str]] = ["Qwen3MoeForCausalLM"]
-
-    num_experts: int = 8  # type: ignore[assignment]  # HF: num_experts or num_local_experts
-    decoder_sparse_step: int = 1
-    mlp_only_layers: List[int] = field(default_factory=list)
-    norm_topk_prob: bool = True
-    use_sliding_window: bool = False
-
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        return (
-            layer_idx not in self.mlp_only_layers
-            and self.num_experts > 0
-            and (layer_idx + 1) % self.decoder_sparse_step == 0
-        )
-
-    def validate(self) -> None:
-        super().validate()
-        if self.use_sliding_window:
-            raise ValueError("use_sliding_window=true is not supported by mtrain's Qwen3-MoE")
-
-    @classmethod
-    def _normalize_hf(cls, hf: dict[str, Any]) -> None:
-        if "num_experts" not in hf and "num_local_experts" in hf:
-            hf["num_experts"] = hf["num_local_experts"]
-        if hf.get("mlp_only_layers") is None:
-            hf["mlp_only_layers"] = []
-
-    def to_hf(self) -> dict[str, Any]:
-        d = super().to_hf()
-        d["architectures"] = list(self.architectures)
-        return d
-
-
-@dataclass
-class Glm4MoeConfig(MoEConfig):
-    model_type: ClassVar[str] = "glm4_moe"
-    architectures: ClassVar[list[str]] = ["Glm4MoeForCausalLM"]
-
-    rms_norm_eps: float = 1e-5
-    n_routed_experts: int = 8  # HF alias: num_local_experts
-    n_shared_experts: int = 1
-    routed_scaling_factor: float = 1.0
-    n_group: int = 1
-    topk_group: int = 1
-    first_k_dense_replace: int = 1
-    norm_topk_prob: bool = True
-    use_qk_norm: bool = False
-    partial_rotary_factor: float = 0.5
-    num_nextn_predict_layers: int = 0  # MTP layers stored after the decoder layers; skipped on load
-
-    @property
-    def num_experts(self) -> int:  # type: ignore[override]
-        return self.n_routed_experts
-
-    @property
-    def rotary_dim(self) -> int:
-        return int(self.head_dim_ * self.partial_rotary_factor)
-
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        return layer_idx >= self.first_k_dense_replace
-
-    def validate(self) -> None:
-        super().validate()
-        if self.n_routed_experts % self.n_group:
-            raise ValueError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}")
-        if not 1 <= self.topk_group <= self.n_group:
-            raise ValueError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
-        if self.rotary_dim % 2:
-            raise ValueError(f"head_dim * partial_rotary_factor = {self.rotary_dim} must be even")
-
-    @classmethod
-    def _normalize_hf(cls, hf: dict[str, Any]) -> None:
-        if "n_routed_experts" not in hf and "num_local_experts" in hf:
-            hf["n_routed_experts"] = hf["num_local_experts"]
-        if "num_nextn_predict_layers" not in hf and "num_mtp_layers" in hf:
-            hf["num_nextn_predict_layers"] = hf["num_mtp_layers"]
-
-    def to_hf(self) -> dict[str, Any]:
-        d = super().to_hf()
-        d["architectures"] = list(self.architectures)
-        d["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
-        return d
-
-
-CONFIGS: dict[str, type[MoEConfig]] = {c.model_type: c for c in (Qwen3MoeConfig, Glm4MoeConfig)}

@@ -17,6 +17,9 @@ from typing import Sequence
 import torch
 
 from .layers import KVCache
+from .logprobs import gather_logprobs, token_logprobs
+from .loss import IGNORE_INDEX
+from .routing import RoutingTrace
 from .transformer import MoECausalLM
 
 
@@ -29,9 +32,17 @@ class Generation:
     prompts: list[list[int]]
     width: int  # prompt + generation buffer width the rollout computed in (the trainer recompute reuses it)
 
-    def sequences(self) -> list[list[int]]:
-        """Prompt + generated tokens of each row, unpadded."""
-        return [p + self.tokens[i, : self.lengths[i]].tolist() for i, p in enumerate(self.prompts)]
+    def select(self, rows: torch.Tensor | list[int]) -> "Generation":
+        """The rows ``rows`` (e.g. a mini-batch), in the same buffer width."""
+        idx = torch.as_tensor(rows, device=self.tokens.device)
+        return Generation(self.tokens[idx], self.logprobs[idx], self.routing[idx], self.lengths[idx],
+                          [self.prompts[int(i)] for i in idx], self.width)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, N] bool: a generated token (up to and including the stop token)."""
+        n = self.tokens.shape[1]
+        return torch.arange(n, device=self.lengths.device)[None, :] < self.lengths[:, None]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -92,16 +103,15 @@ def generate(
         else:  # the whole buffer every step, not-yet-generated slots masked out
             window, last = ids, end - 1
             positions, mask = positions_and_mask(real, total)
-        routing: list = []
-        h = model.hidden_states(window, position_ids=positions, cache=cache, attn_mask=mask, routing=routing)
+        trace = RoutingTrace()
+        h = model.hidden_states(window, position_ids=positions, cache=cache, attn_mask=mask, trace=trace)
         logits = (h[:, last] @ model.output_weight.t()).float()
         token = _sample(logits, temperature, top_p, gen)
         token = torch.where(done, torch.full_like(token, pad_id), token)
-        logprob = logits.log_softmax(-1).gather(1, token[:, None]).squeeze(1)
         out_tokens[:, step] = token
-        out_logprobs[:, step] = torch.where(done, 0.0, logprob)
-        if routing:
-            out_routing.append(torch.stack([r[:, last] for r in routing], dim=1))  # [B, layers, k]
+        out_logprobs[:, step] = torch.where(done, 0.0, gather_logprobs(logits, token))
+        if trace.ids:
+            out_routing.append(trace.stacked()[:, last])  # [B, layers, k]
         lengths += (~done).long()
         ids[:, end] = token
         real[:, end] = ~done
@@ -138,3 +148,32 @@ def positions_and_mask(real: torch.Tensor, q_len: int) -> tuple[torch.Tensor, to
     k_pos = torch.arange(kv, device=real.device)[None, :]
     mask = ((k_pos <= q_pos)[None] & real[:, None, :]) | (k_pos == q_pos)[None]
     return positions, mask[:, None]
+
+
+def rollout_layout(gen: Generation, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The rollout's buffer as one trainer forward sees it: ids [B, width] (prompts left-padded, generated tokens
+    after them), RoPE positions, the attention mask, and the index of the first generated slot."""
+    device = gen.tokens.device
+    N = gen.tokens.shape[1]
+    longest = max(len(p) for p in gen.prompts)
+    ids, real = left_padded(gen.prompts, gen.width, pad_id, device)
+    ids[:, longest : longest + N] = gen.tokens
+    real[:, longest : longest + N] = gen.mask
+    positions, mask = positions_and_mask(real, gen.width)
+    return ids, positions, mask, longest
+
+
+def recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0, *, trace: RoutingTrace | None = None,
+              with_entropy: bool = False):
+    """The trainer's side of a rollout: one full forward over prompt + generated tokens in the rollout's layout and
+    buffer width, returning the logprob [B, N] of every generated token (0 after a row's end). Differentiable.
+    ``trace`` records (or replays) routing over the whole buffer; the rows that produced generated token j are
+    at position ``first - 1 + j``. With ``with_entropy``: (logprobs, entropy)."""
+    ids, positions, mask, first = rollout_layout(gen, pad_id)
+    N = gen.tokens.shape[1]
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[:, first - 1 : first - 1 + N] = torch.where(gen.mask, gen.tokens, IGNORE_INDEX)
+    out = token_logprobs(model, ids, targets, position_ids=positions, attn_mask=mask, trace=trace,
+                         with_entropy=with_entropy)
+    producing = slice(first - 1, first - 1 + N)
+    return tuple(x[:, producing] for x in out) if with_entropy else out[:, producing]

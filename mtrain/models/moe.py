@@ -1,5 +1,6 @@
 """Mixture-of-experts: the two routers, the routed experts (grouped GEMM or a plain loop), and the MoE block.
 
+Routing can be recorded or replayed per layer through a :class:`~mtrain.models.routing.RoutingTrace`.
 The gate precision policy lives here, in :class:`Router`:
 
 * ``fp32=True`` (``moe_gate_fp32``): the gate weight is an fp32 parameter and stays fp32 through ``module.to(bf16)``
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import SwiGLU
+from .routing import RoutingTrace
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -53,13 +55,21 @@ class Router(nn.Module):
                 return F.linear(x.float(), self.weight.float())
         return F.linear(x, self.weight.to(x.dtype))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> (weights fp32 [T, k], expert indices int64 [T, k])."""
-        with torch.autocast(x.device.type, enabled=False):
-            return self.route(self.logits(x).float())
+    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None):
+        """x [T, hidden] -> (weights fp32 [T, k], expert indices int64 [T, k], fp32 logits [T, E]).
 
-    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ``idx`` (replay): use these experts instead of choosing; the weights still come from the live scores."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.logits(x).float()
+            weights, idx = self.route(logits, idx)
+            return weights, idx, logits
+
+    def route(self, logits: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 logits [T, E] -> (weights [T, k], experts [T, k]); with ``idx`` given, only the weights."""
         raise NotImplementedError
+
+    def init_buffers(self) -> None:
+        """Reset non-parameter state to its initial value (called by ``MoECausalLM.init_weights``)."""
 
 
 class SoftmaxTopKRouter(Router):
@@ -69,9 +79,12 @@ class SoftmaxTopKRouter(Router):
         super().__init__(hidden, num_experts, top_k, fp32)
         self.norm_topk_prob = norm_topk_prob
 
-    def route(self, logits):
+    def route(self, logits, idx=None):
         probs = logits.softmax(dim=-1)
-        weights, idx = probs.topk(self.top_k, dim=-1)
+        if idx is None:
+            weights, idx = probs.topk(self.top_k, dim=-1)
+        else:
+            weights = probs.gather(1, idx)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, idx
@@ -91,8 +104,20 @@ class SigmoidGroupRouter(Router):
     def _fp32_tensors(self):
         return super()._fp32_tensors() + [self.e_score_correction_bias]
 
-    def route(self, logits):
+    def init_buffers(self) -> None:
+        self.e_score_correction_bias.zero_()
+
+    def route(self, logits, idx=None):
         scores = logits.sigmoid()
+        if idx is None:
+            idx = self.choose(scores)
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, idx
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k experts by ``scores + bias`` within the best groups (selection only: the bias never weights)."""
         choice = scores + self.e_score_correction_bias.float()
         if self.topk_group < self.n_group:
             T = choice.shape[0]
@@ -101,11 +126,7 @@ class SigmoidGroupRouter(Router):
             keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(T, -1)
-        idx = choice.topk(self.top_k, dim=-1, sorted=False).indices
-        weights = scores.gather(1, idx)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, idx
+        return choice.topk(self.top_k, dim=-1, sorted=False).indices
 
 
 class Experts(nn.Module):
@@ -142,13 +163,15 @@ class MoE(nn.Module):
     def __init__(self, gate: Router, experts: Experts, shared_experts: SwiGLU | None = None):
         super().__init__()
         self.gate, self.experts, self.shared_experts = gate, experts, shared_experts
+        self.layer_idx = -1  # set by the decoder layer: the key of this layer in a RoutingTrace
 
-    def forward(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, trace: RoutingTrace | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, idx = self.gate(x)  # [T, k] each
-        if routing is not None:
-            routing.append(idx.view(*shape[:-1], -1))
+        forced = trace.forced(self.layer_idx, shape[:-1]) if trace is not None else None
+        weights, idx, logits = self.gate(x, forced)  # [T, k], [T, k], [T, E]
+        if trace is not None:
+            trace.record(self.layer_idx, idx, logits, shape[:-1])
         T, k = idx.shape
         flat = idx.view(-1)
         order = flat.argsort(stable=True)  # position in the sorted buffer -> (token, slot) pair

@@ -1,7 +1,8 @@
 """The decoder stack both families share; an architecture only says which MLP each layer gets.
 
 Parameter names follow ``transformers`` v5 in memory (``model.layers.L.self_attn.q_proj.weight``, fused
-``mlp.experts.gate_up_proj``), so the HF key adapter in ``checkpoint.py`` only has to split/fuse experts.
+``mlp.experts.gate_up_proj``), so the HF key adapter (``adapter.py``) only has to split/fuse experts. Nothing here
+names a family's parameters: a family subclass says which MLP each layer gets and whether q/k are normed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from torch.utils.checkpoint import checkpoint
 from .config import MoEConfig
 from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
 from .loss import linear_cross_entropy
+from .moe import Router
+from .precision import PrecisionPolicy
+from .routing import RoutingTrace
 
 
 class DecoderLayer(nn.Module):
@@ -22,15 +26,17 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if self.is_moe:
+            mlp.layer_idx = layer_idx
 
     @property
     def is_moe(self) -> bool:
         return hasattr(self.mlp, "gate")
 
-    def forward(self, x, cos_sin, cache=None, attn_mask=None, routing=None):
+    def forward(self, x, cos_sin, cache=None, attn_mask=None, trace: RoutingTrace | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, cache, attn_mask)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, routing) if self.is_moe else self.mlp(h))
+        return x + (self.mlp(h, trace) if self.is_moe else self.mlp(h))
 
 
 class Backbone(nn.Module):
@@ -50,18 +56,26 @@ class MoECausalLM(nn.Module):
 
     config_class: type[MoEConfig] = MoEConfig
 
-    def __init__(self, cfg: MoEConfig, *, moe_gate_fp32: bool = False, rope_fp32: bool = False):
+    def __init__(self, cfg: MoEConfig, policy: PrecisionPolicy = PrecisionPolicy()):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        self.moe_gate_fp32, self.rope_fp32 = moe_gate_fp32, rope_fp32
-        self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, fp32=rope_fp32)
+        self.policy = policy
+        self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, fp32=policy.rope_fp32)
         layers = [
             DecoderLayer(cfg, i, self.rope, self.make_mlp(i), self.qk_norm()) for i in range(cfg.num_hidden_layers)
         ]
         self.model = Backbone(cfg, layers)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False
+
+    @property
+    def moe_gate_fp32(self) -> bool:
+        return self.policy.gate_fp32
+
+    @property
+    def rope_fp32(self) -> bool:
+        return self.policy.rope_fp32
 
     # -- what an architecture defines ----------------------------------------------------------------------------
     def make_mlp(self, layer_idx: int) -> nn.Module:
@@ -82,10 +96,10 @@ class MoECausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
-        routing: list | None = None,
+        trace: RoutingTrace | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [B, S, hidden]. ``routing``, if a list, receives each MoE layer's top-k expert
-        indices [B, S, k] in layer order. ``attn_mask`` (bool, broadcastable to [B, 1, S, S_total]) replaces the
+        """Final-norm hidden states [B, S, hidden]. ``trace`` records or replays each MoE layer's experts (also
+        through activation checkpointing). ``attn_mask`` (bool, broadcastable to [B, 1, S, S_total]) replaces the
         causal mask; ``cache`` appends this call's keys/values after the cached ones."""
         if position_ids is None:
             start = cache.length if cache is not None else 0
@@ -93,10 +107,10 @@ class MoECausalLM(nn.Module):
         cos_sin = self.rope(position_ids)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            if self.activation_checkpointing and self.training and routing is None:
-                x = checkpoint(layer, x, cos_sin, cache, attn_mask, use_reentrant=False)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos_sin, cache, attn_mask, trace, use_reentrant=False)
             else:
-                x = layer(x, cos_sin, cache, attn_mask, routing)
+                x = layer(x, cos_sin, cache, attn_mask, trace)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return self.model.norm(x)
@@ -106,10 +120,12 @@ class MoECausalLM(nn.Module):
         h = self.hidden_states(input_ids, **kwargs)
         return h @ self.output_weight.t()
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 4096) -> torch.Tensor:
+    def loss(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 4096, trace: RoutingTrace | None = None
+    ) -> torch.Tensor:
         """Mean cross-entropy of ``targets`` (already shifted: ``targets[:, t]`` follows ``input_ids[:, :t+1]``;
         -100 = ignore), computed in fp32 chunk by chunk from the hidden states."""
-        h = self.hidden_states(input_ids)
+        h = self.hidden_states(input_ids, trace=trace)
         total, count = linear_cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten(), chunk_size)
         return total / count.clamp(min=1)
 
@@ -129,6 +145,18 @@ class MoECausalLM(nn.Module):
         gates = [layer.mlp.gate.weight.dtype for layer in self.model.layers if layer.is_moe]
         return gates[0] if gates else None
 
+    def routers(self) -> list[tuple[str, Router]]:
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, Router)]
+
+    def fp32_names(self) -> set[str]:
+        """Names of the tensors the precision policy keeps in fp32 whatever the model dtype (each router says which
+        of its tensors: the gate weight under ``gate_fp32``, GLM's score-correction bias always)."""
+        out = set()
+        for prefix, router in self.routers():
+            own = {id(t): n for n, t in list(router.named_parameters()) + list(router.named_buffers())}
+            out |= {f"{prefix}.{own[id(t)]}" for t in router._fp32_tensors()}
+        return out
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Random init in the HF style: normal(0, initializer_range) matrices, zero biases, unit norms."""
@@ -143,11 +171,9 @@ class MoECausalLM(nn.Module):
                 if seed is not None and p.device not in gens:
                     gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
                 p.normal_(0.0, std, generator=gens.get(p.device))
-        for name, b in self.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.zero_()
+        self.init_buffers()
 
-    def save_pretrained(self, path, **kwargs) -> None:
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, path, **kwargs)
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        for _, router in self.routers():
+            router.init_buffers()

@@ -1,7 +1,7 @@
 """Streamed Hugging Face export of a sharded model: one parameter gathered at a time, only rank 0 writes.
 
 Every rank walks the parameters in model order and calls ``DTensor.full_tensor()`` on each (a collective: all ranks
-take part); rank 0 hands the gathered tensors, split into per-expert HF keys by ``mtrain.models.checkpoint``, to
+take part); rank 0 hands the gathered tensors, split into per-expert HF keys by the family's adapter, to
 ``save_pretrained(tensors=...)``, which copies each to the CPU and writes a safetensors shard as soon as it reaches
 ``max_shard_size``. Peak memory: one full parameter on each rank's device plus one shard in rank 0's CPU memory --
 never the whole model. The folder is the same as ``save_pretrained`` of the unsharded model writes (config.json,
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from mtrain.models import MoECausalLM
-from mtrain.models.checkpoint import CheckpointError, _hf_tensors, save_pretrained
+from mtrain.models.checkpoint import CheckpointError, hf_tensors, save_pretrained
 
 
 def _rank() -> int:
@@ -54,7 +54,7 @@ def export_hf(
     """Write ``model`` (FSDP-sharded or not) as an HF checkpoint folder at ``path``; call on every rank.
 
     ``dtype``: write the weights in this dtype (e.g. bf16 from fp32 master weights); the gate stays fp32 under
-    ``moe_gate_fp32`` and GLM's ``e_score_correction_bias`` stays fp32. Returns the path on rank 0, None elsewhere.
+    ``moe_gate_fp32`` and what else the family's routers keep fp32 stays fp32 (``MoECausalLM.fp32_names``). Returns the path on rank 0, None elsewhere.
     """
     dest = Path(path)
     rank = _rank()
@@ -64,7 +64,7 @@ def export_hf(
     problem = _broadcast_error(problem)  # decide before the collectives start, so no rank is left waiting
     if problem:
         raise CheckpointError(problem)
-    tensors = _hf_tensors(model, gathered(model))
+    tensors = hf_tensors(model, gathered(model))
     if rank != 0:
         for _ in tensors:  # take part in every gather; only rank 0 keeps anything
             pass

@@ -86,13 +86,13 @@ def apply_fsdp(
     """Shard ``model`` in place with FSDP2 over ``mesh`` (1-D data-parallel mesh; None = the default group).
 
     ``param_dtype``/``reduce_dtype``: the ``MixedPrecisionPolicy`` of the decoder layers and the root (None = keep
-    the stored dtype). ``gate_fp32`` (default: ``model.moe_gate_fp32``): each MoE router gate becomes its own unit
+    the stored dtype). ``gate_fp32`` (default: the model's precision policy): each MoE router gate becomes its own unit
     that gathers and computes in fp32. Works on a meta-device model (then ``to_empty`` + load/init, see
     :func:`mtrain.parallel.build_sharded`) or on a materialised one. Returns ``model``.
     """
     if isinstance(model, FSDPModule):
         raise ValueError("apply_fsdp: the model is already sharded")
-    gate_fp32 = model.moe_gate_fp32 if gate_fp32 is None else gate_fp32
+    gate_fp32 = model.policy.gate_fp32 if gate_fp32 is None else gate_fp32
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     gate_mp = MixedPrecisionPolicy(
         param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False

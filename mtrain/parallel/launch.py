@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtrain.config import ConfigError
+from .errors import ParallelError
 
 
 def external_launcher() -> str | None:
@@ -28,14 +28,6 @@ def external_launcher() -> str | None:
     if SLURMEnvironment.detect():
         return "slurm"
     return None
-
-
-def multirun() -> bool:
-    """Whether this process runs a job of a Hydra multirun (``-m``)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def num_devices(devices: Any, accelerator: str = "auto") -> int:
@@ -61,7 +53,7 @@ def check_launch(devices: Any, num_nodes: int = 1, *, multirun: bool, accelerato
     if world <= 1 or launcher is not None:
         return launcher
     if multirun:
-        raise ConfigError(
+        raise ParallelError(
             f"trainer.devices={devices} (x trainer.num_nodes={num_nodes}) under -m without torchrun or SLURM: "
             "Lightning would start the extra processes by re-running the command line, sweep included. Launch one "
             f"process per device instead: `torchrun --nproc_per_node {num_devices(devices, accelerator)} -m mtrain "

@@ -2,8 +2,8 @@
 ``configure_model`` hook (``MoELitModule.configure_model``) shards the meta-device model with :func:`apply_fsdp` and
 fills each rank's shards (:class:`FSDPPlan`).
 
-* The model is built on the meta device before the LightningModule (:func:`meta_model`: no memory, dtype and gate
-  policy as decided for the run), so no rank ever holds the full model.
+* The model is built on the meta device before the LightningModule (``mtrain.job.meta_model``: no memory, dtype and
+  gate policy as decided for the run), so no rank ever holds the full model.
 * ``trainer.precision=bf16-mixed`` is realised by FSDP's ``MixedPrecisionPolicy`` (fp32 master weights, bf16
   all-gather/compute, fp32 reduce), so Lightning gets ``32-true`` (no autocast on top); ``bf16-true`` stays
   (bf16 weights, Lightning's cast keeps an fp32 gate fp32) with an fp32 gradient reduce.
@@ -20,10 +20,9 @@ from typing import Any, Optional
 
 import torch
 
-from mtrain.config import ConfigError
-from mtrain.models import MoECausalLM, build_model
-from mtrain.models.checkpoint import CheckpointError, dtype_of, read_config
+from mtrain.models import MoECausalLM
 
+from .errors import ParallelError
 from .fsdp import apply_fsdp, fsdp_precision, is_sharded
 from .launch import check_launch, num_devices
 from .loading import LoadStats, init_sharded, load_sharded
@@ -54,7 +53,7 @@ class FSDPPlan:
             return None
         apply_fsdp(
             model, mesh, param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype,
-            gate_fp32=model.moe_gate_fp32, reshard_after_forward=self.reshard_after_forward,
+            gate_fp32=model.policy.gate_fp32, reshard_after_forward=self.reshard_after_forward,
         )
         model.to_empty(device=device)
         if self.checkpoint:
@@ -66,37 +65,15 @@ class FSDPPlan:
         return None
 
 
-def plan_for(cfg) -> FSDPPlan:
-    """The :class:`FSDPPlan` of a prepared run config (``trainer.precision`` -> the FSDP mixed-precision policy)."""
+def plan_for(precision: str, checkpoint: Optional[str] = None, seed: int = 0) -> FSDPPlan:
+    """The :class:`FSDPPlan` of a run: ``trainer.precision`` -> the FSDP mixed-precision policy; the HF folder each
+    rank reads its shards from (None = random init with ``seed``)."""
     try:
-        _, param_dtype, reduce_dtype = fsdp_precision(cfg.trainer.precision)
+        _, param_dtype, reduce_dtype = fsdp_precision(precision)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ParallelError(str(e)) from None
     return FSDPPlan(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                    checkpoint=str(cfg.model.checkpoint) if cfg.model.checkpoint else None, seed=int(cfg.seed))
-
-
-def meta_model(model_cfg, vocab_size: Optional[int] = None) -> MoECausalLM:
-    """The run's model on the meta device: ``model.checkpoint``'s config.json (weights are read later, per rank) or
-    ``model.arch`` (grown to the tokenizer's vocabulary), in ``model.dtype`` with the decided gate/RoPE policy."""
-    from mtrain.tasks.common import arch_of
-
-    if model_cfg.checkpoint:
-        try:
-            arch = read_config(model_cfg.checkpoint, model_cfg.name)
-        except CheckpointError as e:
-            raise ConfigError(f"model.checkpoint: {e}") from None
-        if vocab_size is not None and vocab_size > arch.vocab_size:
-            raise ConfigError(
-                f"the tokenizer has {vocab_size} tokens but model.checkpoint's vocab_size is {arch.vocab_size}; "
-                "use the checkpoint's own tokenizer.json"
-            )
-    else:
-        arch = arch_of(model_cfg, vocab_size)
-    return build_model(
-        arch, dtype=dtype_of(model_cfg.dtype), device="meta", moe_gate_fp32=bool(model_cfg.moe_gate_fp32),
-        rope_fp32=bool(model_cfg.rope_fp32), init=False,
-    )
+                    checkpoint=str(checkpoint) if checkpoint else None, seed=int(seed))
 
 
 def trainer_kwargs(kw: dict[str, Any], *, multirun: bool) -> dict[str, Any]:
@@ -117,7 +94,7 @@ def trainer_kwargs(kw: dict[str, Any], *, multirun: bool) -> dict[str, Any]:
     try:
         fsdp_precision(precision)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ParallelError(str(e)) from None
     if precision == "bf16-mixed":
         kw["precision"] = "32-true"  # FSDP's MixedPrecisionPolicy casts; no autocast on top
     return kw

@@ -22,17 +22,20 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from mtrain.models import MoECausalLM, build_model
+from mtrain.models import MoECausalLM, PrecisionPolicy, build_model, family_of
 from mtrain.models.checkpoint import (
     CheckpointError,
-    _check_complete,
-    _check_gate,
-    _checkpoint_dtype,
-    _shard_files,
-    _target,
+    check_complete,
+    check_gate,
+    checkpoint_dtype,
     dtype_of,
+    gate_names,
+    map_key,
     read_config,
+    shard_files,
+    tensors_of,
 )
 from mtrain.models.config import MoEConfig
 
@@ -53,25 +56,11 @@ class LoadStats:
 def local_region(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
     """(local tensor to write into, its global offset, its shape) of a DTensor shard; a plain tensor is all of it."""
     if isinstance(t, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
         shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
         local = t.to_local()
         assert tuple(local.shape) == tuple(shape), (tuple(local.shape), shape)
         return local, tuple(offset), tuple(shape)
     return t.data, (0,) * t.dim(), tuple(t.shape)
-
-
-def _dest_box(shape: tuple[int, ...], expert: int | None, part: str | None) -> tuple[tuple[int, int], ...]:
-    """Where a checkpoint tensor lands in the model tensor's global coordinates: [(lo, hi)] per dim."""
-    if expert is None:
-        return tuple((0, n) for n in shape)
-    rows = [(expert, expert + 1)]
-    if part == "down":
-        return tuple(rows + [(0, n) for n in shape[1:]])
-    half = shape[1] // 2
-    second = (0, half) if part == "gate" else (half, shape[1])
-    return tuple(rows + [second] + [(0, n) for n in shape[2:]])
 
 
 def _intersect(box, offset, shape):
@@ -92,15 +81,15 @@ def load_sharded(
     model: MoECausalLM,
     path: str | os.PathLike,
     *,
-    moe_gate_fp32: bool | None = None,
     gate_mismatch: str = "warn",
 ) -> LoadStats:
     """Fill ``model`` (sharded or not, materialised) from an HF checkpoint folder, each rank reading only the slices
     its local shards cover. Returns what this rank read."""
     folder = Path(path)
-    cfg = model.config
-    files = _shard_files(folder)
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    files = shard_files(folder)
+    params = tensors_of(model)
+    gates = gate_names(model)
+    adapter = family_of(model).adapter
     regions = {name: local_region(t) for name, t in params.items()}
     filled: set = set()
     gate_dtypes: set[torch.dtype] = set()
@@ -109,7 +98,7 @@ def load_sharded(
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    target = _target(key, cfg, params, file)
+                    target = map_key(model, key, params, file)
                     sl = f.get_slice(key)
                     shape = tuple(sl.get_shape())
                     dtype = _ST_DTYPES.get(sl.get_dtype())
@@ -121,10 +110,10 @@ def load_sharded(
                         continue
                     name, expert, part = target
                     filled.add(target)
-                    if name.endswith("mlp.gate.weight") and dtype is not None:
+                    if name in gates and dtype is not None:
                         gate_dtypes.add(dtype)
                     full_shape = tuple(params[name].shape)
-                    box = _dest_box(full_shape, expert, part)
+                    box = adapter.box(full_shape, expert, part)
                     sizes = tuple(hi - lo for lo, hi in box)
                     want = sizes[1:] if expert is not None else sizes  # an expert's key has no expert dim
                     if shape != want:
@@ -145,9 +134,8 @@ def load_sharded(
                     local[tuple(dst)].copy_(piece)
         except SafetensorError as e:
             raise CheckpointError(f"{file} is corrupt or truncated ({e}); re-download or re-export it") from None
-    _check_complete(model, cfg, filled, folder)
-    gate = model.moe_gate_fp32 if moe_gate_fp32 is None else moe_gate_fp32
-    _check_gate(folder, gate_dtypes, gate, gate_mismatch)
+    check_complete(model, filled, folder)
+    check_gate(folder, gate_dtypes, model.policy.gate_fp32, gate_mismatch)
     return stats
 
 
@@ -171,9 +159,7 @@ def init_sharded(model: MoECausalLM, seed: int | None = 0) -> None:
             full.normal_(0.0, std, generator=gens.get(local.device))
             local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
             del full
-    for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.zero_()
+    model.init_buffers()
 
 
 def build_sharded(
@@ -185,8 +171,7 @@ def build_sharded(
     dtype: torch.dtype | str | None = None,
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
-    moe_gate_fp32: bool = False,
-    rope_fp32: bool = False,
+    policy: PrecisionPolicy = PrecisionPolicy(),
     seed: int | None = 0,
     gate_mismatch: str = "warn",
     expected_model_type: str | None = None,
@@ -197,14 +182,14 @@ def build_sharded(
     if checkpoint is not None:
         ck_cfg = read_config(checkpoint, expected_model_type)
         cfg = cfg or ck_cfg
-        dtype = dtype_of(dtype) or _checkpoint_dtype(Path(checkpoint)) or torch.float32
+        dtype = dtype_of(dtype) or checkpoint_dtype(Path(checkpoint)) or torch.float32
     elif cfg is None:
         raise ValueError("build_sharded: give cfg or checkpoint")
     dtype = dtype_of(dtype) or torch.float32
-    model = build_model(cfg, dtype=dtype, device="meta", moe_gate_fp32=moe_gate_fp32, rope_fp32=rope_fp32, init=False)
-    apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype, gate_fp32=moe_gate_fp32)
+    model = build_model(cfg, dtype=dtype, device="meta", policy=policy, init=False)
+    apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     model.to_empty(device=device)
     if checkpoint is not None:
-        return model, load_sharded(model, checkpoint, moe_gate_fp32=moe_gate_fp32, gate_mismatch=gate_mismatch)
+        return model, load_sharded(model, checkpoint, gate_mismatch=gate_mismatch)
     init_sharded(model, seed)
     return model, None

@@ -1,8 +1,10 @@
-"""Task registry: ``cfg.task.name`` -> ``"module:function"``, imported lazily.
+"""Task registry: ``cfg.task.name`` -> ``"module:function"``, imported lazily (``--cfg`` and ``task=info`` stay
+fast: Lightning is imported only by the tasks that train or evaluate).
 
-Each function is ``run(cfg: DictConfig) -> dict`` (final metrics). The CLI calls it with the prepared config
-(``mtrain.config.prepare_run``: resolved, precision decided and recorded under ``cfg.precision``), after saving it to
-``<run dir>/config_resolved.yaml``. Add a task: one line here and ``conf/task/<name>.yaml`` with ``name: <name>``.
+Each function is ``run(job: mtrain.job.Job) -> dict`` (final metrics). The CLI calls it with the prepared job
+(config resolved, precision decided once and recorded under ``cfg.precision``, run dir), after saving the config to
+``<run dir>/config_resolved.yaml``. Add a task: ``tasks/<name>.py``, its schema in ``mtrain/schema.py``, one line
+here and ``conf/task/<name>.yaml``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ TASKS: dict[str, str] = {
     "eval": "mtrain.tasks.eval:run",
     "mismatch": "mtrain.tasks.mismatch:run",
     "export": "mtrain.tasks.export:run",
+    "grpo": "mtrain.tasks.grpo:run",
 }
 
 

@@ -10,25 +10,29 @@ fp32 softmax).
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, List
 
-from omegaconf import DictConfig
+import torch
 
 from mtrain.config import ConfigError
-from mtrain.lit import LogprobWriter, MoELitModule, build_trainer, greedy_accuracy, peak_tflops
-from mtrain.lit.setup import start_job, write_json
-from mtrain.tasks.sft import accuracy_examples
+from mtrain.data import IGNORE
+from mtrain.job import Job, accuracy_examples, greedy_accuracy, start_job, write_json
+from mtrain.lit import MoELitModule, build_trainer
+from mtrain.models.flops import peak_tflops
 
 SPLITS = ("auto", "val", "train")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(job: Job) -> dict[str, Any]:
     t_start = time.perf_counter()
+    cfg, plan, out = job.cfg, job.plan, job.dir
     if cfg.task.split not in SPLITS:
         raise ConfigError(f"task.split={cfg.task.split!r} is not one of {', '.join(SPLITS)}")
-    cfg, plan, out, s = start_job(cfg)
+    s = start_job(job)
     t = cfg.task
     dm, model = s.datamodule, s.model
     split = t.split if t.split != "auto" else ("val" if dm.val_set is not None else "train")
@@ -39,7 +43,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model.compile_layers()
     lit = MoELitModule(model, peak_tflops=peak_tflops(t.peak_tflops, s.cuda), logprob_sink=writer, sharding=s.fsdp)
     extra = {"limit_val_batches": t.max_batches} if t.max_batches else {}
-    trainer = build_trainer(cfg, out, checkpoint=False, **extra)
+    trainer = build_trainer(cfg, out, checkpoint=False, multirun=job.multirun, **extra)
     try:
         trainer.validate(lit, dataloaders=loader, verbose=False)
     finally:
@@ -89,3 +93,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if writer is not None:
             print(f"  {'logprobs':<12} token_logprobs.jsonl ({writer.rows} rows)")
     return metrics
+
+
+class LogprobWriter:
+    """Writes one JSON line per evaluated row: its input ids and, for every scored position, the target token,
+    its string and its logprob. Trailing positions without a target (padding) are dropped."""
+
+    def __init__(self, path: str | Path, tokenizer=None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.path.open("w")
+        self.tokenizer = tokenizer
+        self.rows = 0
+
+    def __call__(self, batch: dict, logprobs: torch.Tensor) -> None:
+        ids, targets, lp = batch["input_ids"].cpu(), batch["targets"].cpu(), logprobs.float().cpu()
+        for i in range(ids.shape[0]):
+            t = targets[i]
+            scored = (t != IGNORE).nonzero().flatten()
+            end = int(scored[-1]) + 1 if scored.numel() else 0
+            pos: List[int] = scored.tolist()
+            row = {
+                "row": self.rows,
+                "input_ids": ids[i, :end].tolist(),
+                "positions": pos,
+                "target_ids": t[scored].tolist(),
+                "logprobs": [round(float(x), 6) for x in lp[i, scored]],
+            }
+            if self.tokenizer is not None:
+                row["target_tokens"] = [self.tokenizer.id_to_token(int(x)) for x in row["target_ids"]]
+            self._f.write(json.dumps(row) + "\n")
+            self.rows += 1
+
+    def close(self) -> None:
+        self._f.close()

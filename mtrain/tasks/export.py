@@ -8,27 +8,22 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from mtrain.config import ConfigError, job_dir, prepare_run
-from mtrain.models import CheckpointError
+from mtrain.config import ConfigError
+from mtrain.job import Job, model_from_config
+from mtrain.models import CheckpointError, save_pretrained
 from mtrain.models.checkpoint import read_precision_record
-from mtrain.tasks.common import model_from_config
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> dict:
-    cfg, plan = prepare_run(cfg)
-    unknown = set(cfg.task) - {"name", "path", "max_shard_size"}
-    if unknown:
-        raise ConfigError(f"task (export): unknown keys {sorted(unknown)}; known: name, path, max_shard_size")
-    dest = Path(cfg.task.path) if cfg.task.path else job_dir() / "hf_model"
-    model = model_from_config(cfg.model, seed=cfg.seed)
+def run(job: Job) -> dict:
+    cfg, plan = job.cfg, job.plan
+    dest = Path(cfg.task.path) if cfg.task.path else job.dir / "hf_model"
+    model = model_from_config(cfg.model, plan.policy, seed=cfg.seed)
     tokenizer = Path(cfg.model.checkpoint) / "tokenizer.json" if cfg.model.checkpoint else None
     try:
-        model.save_pretrained(
-            dest, max_shard_size=cfg.task.max_shard_size,
+        save_pretrained(
+            model, dest, max_shard_size=cfg.task.max_shard_size,
             tokenizer_file=tokenizer if tokenizer is not None and tokenizer.is_file() else None,
         )
     except CheckpointError as e:

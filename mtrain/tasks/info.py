@@ -4,33 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from mtrain.config import ENV_VAR, job_dir, prepare_run
+from mtrain.config import ENV_VAR
+from mtrain.job import Job
 
 
-def _choice(group: str) -> Optional[str]:
-    """The option chosen for a config group (``experiment``, ``trainer``...); None outside Hydra or if none."""
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get(group)
-        return None if choice is None else str(choice)
-    return None
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    cfg, plan = prepare_run(cfg)  # no-op when the CLI already prepared it
+def run(job: Job) -> dict[str, Any]:
+    cfg, plan, out = job.cfg, job.plan, job.dir
     p = cfg.precision
-    out = job_dir()
     info: dict[str, Any] = {
         "task": "info",
         "model": cfg.model.name,
         "checkpoint": cfg.model.checkpoint,
         "rl": cfg.rl.mode,
-        "experiment": _choice("experiment"),
-        "trainer": _choice("trainer"),
+        "experiment": job.choices.get("experiment"),
+        "trainer": job.choices.get("trainer"),
         "trainer_precision": cfg.trainer.precision,
         "moe_gate_fp32": plan.moe_gate_fp32,
         "moe_gate_fp32_source": plan.source,

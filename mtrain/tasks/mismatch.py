@@ -9,64 +9,35 @@ Two precision profiles over the same weights:
 * **trainer** -- one full-sequence forward, gate fp32 by default (Megatron's ``moe_router_dtype=fp32``).
 
 The rollout generates from prompts (the built-in task or a JSONL file), the trainer recomputes the same tokens, and
-``mtrain.mismatch.mismatch_metrics`` compares them. Writes ``metrics.json``, ``tokens.csv``,
+``mtrain.rl.mismatch.mismatch_metrics`` compares them. Writes ``metrics.json``, ``tokens.csv``,
 ``logprob_diff_hist.png`` and ``routing_disagreement.png`` into the run dir.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mtrain.config import ConfigError, job_dir, prepare_run
+from mtrain.config import ConfigError
 from mtrain.data import DataError, build_datamodule, load_tokenizer
-from mtrain.mismatch import mismatch_metrics, trainer_recompute
-from mtrain.models import build_model
+from mtrain.job import Job, model_from_config
+from mtrain.models import PrecisionPolicy, build_model
 from mtrain.models.generate import generate
-from mtrain.tasks.common import model_from_config
+from mtrain.plots import figure
+from mtrain.rl.mismatch import mismatch_metrics, trainer_recompute
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class MismatchTask:
-    name: str = "mismatch"
-    prompts_path: Optional[str] = None  # JSONL with {"prompt": ...} per line; null = the built-in task's val prompts
-    num_prompts: int = 32
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    rollout_decode: str = "auto"  # auto (recompute under rl=on, else kv) | kv | recompute
-    trainer_gate_fp32: bool = True  # the trainer profile's gate (Megatron: fp32)
-    trainer_rope_fp32: Optional[bool] = None  # null: the run's decision (model.rope_fp32)
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: Optional[str] = "bfloat16"  # what rollout engines run; null = model.dtype
+DECODES = ("auto", "kv", "recompute")
 
 
-def task_config(cfg: DictConfig) -> MismatchTask:
-    raw = OmegaConf.to_container(cfg.task, resolve=True)
-    try:
-        task = MismatchTask(**raw)  # type: ignore[arg-type]
-    except TypeError as e:
-        known = ", ".join(f.name for f in dataclasses.fields(MismatchTask))
-        raise ConfigError(f"task (mismatch): {e}; known keys: {known}") from None
-    if task.rollout_decode not in ("auto", "kv", "recompute"):
-        raise ConfigError(f"task.rollout_decode={task.rollout_decode!r}: use auto, kv or recompute")
-    return task
-
-
-def _prompts(cfg: DictConfig, task: MismatchTask) -> tuple[list[list[int]], object, int, list[int]]:
+def _prompts(cfg: DictConfig, task) -> tuple[list[list[int]], object, int, list[int]]:
     """Token-id prompts, the tokenizer, pad id and stop ids."""
     tokenizer = load_tokenizer(cfg.model.checkpoint) if cfg.model.checkpoint else None
     dm = build_datamodule(cfg.data, tokenizer=tokenizer)
@@ -91,12 +62,16 @@ def _prompts(cfg: DictConfig, task: MismatchTask) -> tuple[list[list[int]], obje
     return prompts, dm, dm.pad_id, eos
 
 
-def run(cfg: DictConfig) -> dict:
-    cfg, plan = prepare_run(cfg)
-    task = task_config(cfg)
+def run(job: Job) -> dict:
+    cfg, plan = job.cfg, job.plan
+    task = cfg.task
+    if task.rollout_decode not in DECODES:
+        raise ConfigError(f"task.rollout_decode={task.rollout_decode!r}: use {', '.join(DECODES)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if task.device == "auto" else task.device
-    if plan.moe_gate_fp32 or task.trainer_gate_fp32:
-        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 gate GEMM must be real fp32
+    trainer_rope = cfg.model.rope_fp32 if task.trainer_rope_fp32 is None else task.trainer_rope_fp32
+    trainer_policy = PrecisionPolicy(gate_fp32=task.trainer_gate_fp32, rope_fp32=bool(trainer_rope))
+    for policy in (plan.policy, trainer_policy):
+        policy.apply_backends(device == "cuda")
     torch.manual_seed(cfg.seed)
     try:
         prompts, dm, pad_id, eos = _prompts(cfg, task)
@@ -105,12 +80,9 @@ def run(cfg: DictConfig) -> dict:
     decode = task.rollout_decode if task.rollout_decode != "auto" else ("recompute" if plan.rl else "kv")
 
     dtype = task.dtype or cfg.model.dtype
-    rollout = model_from_config(cfg.model, device=device, vocab_size=dm.vocab_size, seed=cfg.seed, dtype=dtype).eval()
-    trainer_rope = cfg.model.rope_fp32 if task.trainer_rope_fp32 is None else task.trainer_rope_fp32
-    trainer = build_model(
-        rollout.config, dtype=dtype, device=device, moe_gate_fp32=task.trainer_gate_fp32,
-        rope_fp32=bool(trainer_rope), init=False,
-    ).eval()
+    rollout = model_from_config(cfg.model, plan.policy, device=device, vocab_size=dm.vocab_size, seed=cfg.seed,
+                                dtype=dtype).eval()
+    trainer = build_model(rollout.config, dtype=dtype, device=device, policy=trainer_policy, init=False).eval()
     trainer.load_state_dict(rollout.state_dict())  # same weights; a bf16 gate is upcast exactly
 
     start = time.perf_counter()
@@ -137,7 +109,7 @@ def run(cfg: DictConfig) -> dict:
         "device": device,
         "dtype": dtype,
     }
-    out = job_dir()
+    out = job.dir
     _write(out, metrics, rows)
     del rollout, trainer
     log.info(
@@ -158,31 +130,14 @@ def _write(out: Path, metrics: dict, rows: list[dict]) -> None:
         writer.writerows(rows)
     diffs = [r["abs_diff"] for r in rows]
     per_layer = metrics["routing_disagreement_per_layer"]
-    with _figure(out / "logprob_diff_hist.png") as ax:
+    with figure(out / "logprob_diff_hist.png") as ax:
         ax.hist(diffs, bins=50, color="tab:blue")
         ax.set_yscale("log")
         ax.set_xlabel("|rollout logprob - trainer logprob|")
         ax.set_ylabel("tokens")
         ax.set_title(f"{metrics['rollout_profile']}\nvs trainer: {metrics['trainer_profile']}", fontsize=8)
-    with _figure(out / "routing_disagreement.png") as ax:
+    with figure(out / "routing_disagreement.png") as ax:
         ax.bar(range(len(per_layer)), [100 * x for x in per_layer], color="tab:orange")
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("routing disagreement (%)")
         ax.set_title(f"top-k expert set differs, mean {100 * metrics['routing_disagreement']:.2f}%", fontsize=9)
-
-
-@contextlib.contextmanager
-def _figure(path: Path):
-    """One small matplotlib figure (headless Agg backend), saved to ``path`` when the block ends."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    try:
-        yield ax
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)

@@ -15,33 +15,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from mtrain.lit import LossCurve, MoELitModule, build_trainer, greedy_accuracy, peak_tflops
-from mtrain.lit.setup import export_hf, start_job, write_json
+from mtrain.job import Job, accuracy_examples, export_hf, greedy_accuracy, start_job, write_json
+from mtrain.lit import LossCurve, MoELitModule, build_trainer
+from mtrain.models.flops import peak_tflops
 
 log = logging.getLogger("mtrain")
 
 LAST_K = 10  # train_loss_last = mean of the last LAST_K training batches
 
 
-def accuracy_examples(cfg: DictConfig, dm) -> list:
-    """The val examples to score greedy answers on (``task.accuracy``: null = synthetic data only)."""
-    want = cfg.task.accuracy if cfg.task.accuracy is not None else dm.is_synthetic
-    if not want:
-        return []
-    if not dm.val_examples:
-        log.warning("task.accuracy: the val split has no prompt/response examples; accuracy skipped")
-    return dm.val_examples[: cfg.task.max_accuracy_examples]
-
-
 def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(job: Job) -> dict[str, Any]:
     t_start = time.perf_counter()
-    cfg, plan, out, s = start_job(cfg)
+    cfg, plan, out = job.cfg, job.plan, job.dir
+    s = start_job(job)
     t = cfg.task
     dm, model = s.datamodule, s.model
     examples = accuracy_examples(cfg, dm)
@@ -72,7 +62,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     has_val = dm.val_set is not None
     curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
-    trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], save_top_k=t.save_top_k)
+    trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], save_top_k=t.save_top_k, multirun=job.multirun)
     trainer.fit(lit, datamodule=dm, ckpt_path=t.ckpt_path)
 
     if has_val and (lit.last_val is None or lit.last_val["step"] != trainer.global_step):

@@ -13,28 +13,21 @@ import math
 
 import torch
 
-from mtrain.models.generate import Generation, left_padded, positions_and_mask
+from mtrain.models.generate import Generation, recompute
+from mtrain.models.routing import RoutingTrace
 from mtrain.models.transformer import MoECausalLM
 
 
 @torch.no_grad()
 def trainer_recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One full forward over prompt + generated tokens, in the rollout's left-padded layout and buffer width: the
-    logprob [B, N] of every generated token and the routing [B, N, moe_layers, k] at the position that produced it."""
-    device = model.output_weight.device
-    B, N = gen.tokens.shape
-    longest = max(len(p) for p in gen.prompts)
-    ids, real = left_padded(gen.prompts, gen.width, pad_id, device)
-    ids[:, longest : longest + N] = gen.tokens.to(device)
-    real[:, longest : longest + N] = torch.arange(N, device=device)[None, :] < gen.lengths.to(device)[:, None]
-    positions, mask = positions_and_mask(real, gen.width)
-    routing: list = []
-    h = model.hidden_states(ids, position_ids=positions, attn_mask=mask, routing=routing)
-    producing = slice(longest - 1, longest - 1 + N)  # the position before each generated token
-    logits = (h[:, producing] @ model.output_weight.t()).float()
-    logprobs = logits.log_softmax(-1).gather(-1, ids[:, longest : longest + N, None]).squeeze(-1)
-    routing_t = torch.stack([r[:, producing] for r in routing], dim=2) if routing else gen.routing.new_zeros(B, N, 0, 0)
-    return logprobs, routing_t
+    """The trainer's numbers for a rollout: the logprob [B, N] of every generated token (one full forward in the
+    rollout's layout) and the routing [B, N, moe_layers, k] at the position that produced each token."""
+    trace = RoutingTrace()
+    logprobs = recompute(model, gen, pad_id, trace=trace)
+    first = max(len(p) for p in gen.prompts)  # the first generated slot
+    N = gen.tokens.shape[1]
+    routing = trace.stacked()[:, first - 1 : first - 1 + N] if trace.ids else gen.routing.new_zeros(*logprobs.shape, 0, 0)
+    return logprobs, routing
 
 
 def mismatch_metrics(
@@ -43,8 +36,10 @@ def mismatch_metrics(
     rollout_routing: torch.Tensor,
     trainer_routing: torch.Tensor,
     lengths: torch.Tensor,
+    rows: bool = True,
 ) -> tuple[dict, list[dict]]:
-    """Aggregate metrics and one row per generated token. Logprobs [B, N]; routing [B, N, L, k]; lengths [B]."""
+    """Aggregate metrics and (``rows``) one row per generated token. Logprobs [B, N]; routing [B, N, L, k];
+    lengths [B]."""
     B, N = rollout_lp.shape
     valid = torch.arange(N, device=lengths.device)[None, :] < lengths[:, None]
     r, t = rollout_lp[valid].double(), trainer_lp[valid].double()
@@ -69,10 +64,12 @@ def mismatch_metrics(
         "routing_disagreement_per_layer": [round(x, 6) for x in per_layer.tolist()],
         "tokens_any_layer_differs": differs.any(-1)[valid].double().mean().item() if layers else 0.0,
     }
-    rows = []
+    if not rows:
+        return metrics, []
+    table = []
     for b in range(B):
         for i in range(int(lengths[b])):
-            rows.append({
+            table.append({
                 "sequence": b,
                 "position": i,
                 "rollout_logprob": rollout_lp[b, i].item(),
@@ -80,7 +77,7 @@ def mismatch_metrics(
                 "abs_diff": abs(rollout_lp[b, i].item() - trainer_lp[b, i].item()),
                 "layers_differ": int(differs[b, i].sum()) if layers else 0,
             })
-    return metrics, rows
+    return metrics, table
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from mtrain.models.config import MoEConfig
+import torch
+
+from .config import MoEConfig
 
 # Dense bf16 peak of one device, TFLOP/s (no sparsity). Matched against torch.cuda.get_device_name() in order.
 PEAK_BF16_TFLOPS = (
@@ -38,7 +40,7 @@ def active_params_per_token(cfg: MoEConfig) -> int:
         if cfg.is_moe_layer(i):
             total += h * cfg.num_experts  # router gate
             total += cfg.num_experts_per_tok * 3 * h * cfg.moe_intermediate_size
-            total += 3 * h * cfg.moe_intermediate_size * getattr(cfg, "n_shared_experts", 0)
+            total += 3 * h * cfg.shared_expert_intermediate_size
         else:
             total += 3 * h * cfg.intermediate_size
     return total + h * cfg.vocab_size  # lm_head
@@ -61,8 +63,6 @@ def peak_tflops(configured: Optional[float], accelerator_is_cuda: bool) -> float
         return float(configured)
     if not accelerator_is_cuda:
         return 0.0
-    import torch
-
     if not torch.cuda.is_available():
         return 0.0
     name = torch.cuda.get_device_name()

@@ -1,22 +1,34 @@
-"""Exact-match accuracy of greedy answers, and the per-token logprob file of ``task=eval``."""
+"""Exact-match accuracy of greedy answers on prompt/response examples (the synthetic task's val split by default)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import time
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
+from omegaconf import DictConfig
 
-from mtrain.data import IGNORE, MTrainDataModule
+from mtrain.data import MTrainDataModule
 from mtrain.models import MoECausalLM
 from mtrain.models.generate import generate
 from mtrain.parallel import root_unsharded
 
+log = logging.getLogger("mtrain")
 
-def _eager():
+
+def accuracy_examples(cfg: DictConfig, dm: MTrainDataModule) -> list:
+    """The val examples to score greedy answers on (``task.accuracy``: null = synthetic data only)."""
+    want = cfg.task.accuracy if cfg.task.accuracy is not None else dm.is_synthetic
+    if not want:
+        return []
+    if not dm.val_examples:
+        log.warning("task.accuracy: the val split has no prompt/response examples; accuracy skipped")
+    return dm.val_examples[: cfg.task.max_accuracy_examples]
+
+
+def eager():
     """Generation has changing shapes and a Python KV cache: run compiled layers eagerly for it."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
@@ -52,7 +64,7 @@ def greedy_accuracy(
     t0 = time.perf_counter()
     correct, samples = 0, []
     try:
-        with _eager(), root_unsharded(model):  # sharded (trainer=fsdp): every rank decodes the same prompts
+        with eager(), root_unsharded(model):  # sharded (trainer=fsdp): every rank decodes the same prompts
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start : start + batch_size]
                 prompts = [dm.encode_prompt(e["prompt"]) for e in chunk]
@@ -68,37 +80,3 @@ def greedy_accuracy(
         model.train(was_training)
     return {"accuracy": correct / len(examples), "n": len(examples), "seconds": time.perf_counter() - t0,
             "samples": samples}
-
-
-class LogprobWriter:
-    """Writes one JSON line per evaluated row: its input ids and, for every scored position, the target token,
-    its string and its logprob. Trailing positions without a target (padding) are dropped."""
-
-    def __init__(self, path: str | Path, tokenizer=None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = self.path.open("w")
-        self.tokenizer = tokenizer
-        self.rows = 0
-
-    def __call__(self, batch: dict, logprobs: torch.Tensor) -> None:
-        ids, targets, lp = batch["input_ids"].cpu(), batch["targets"].cpu(), logprobs.float().cpu()
-        for i in range(ids.shape[0]):
-            t = targets[i]
-            scored = (t != IGNORE).nonzero().flatten()
-            end = int(scored[-1]) + 1 if scored.numel() else 0
-            pos: List[int] = scored.tolist()
-            row = {
-                "row": self.rows,
-                "input_ids": ids[i, :end].tolist(),
-                "positions": pos,
-                "target_ids": t[scored].tolist(),
-                "logprobs": [round(float(x), 6) for x in lp[i, scored]],
-            }
-            if self.tokenizer is not None:
-                row["target_tokens"] = [self.tokenizer.id_to_token(int(x)) for x in row["target_ids"]]
-            self._f.write(json.dumps(row) + "\n")
-            self.rows += 1
-
-    def close(self) -> None:
-        self._f.close()

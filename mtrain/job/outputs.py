@@ -1,0 +1,62 @@
+"""What a job leaves behind: JSON files (non-finite numbers as null) and the HF export with its tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mtrain.data import MTrainDataModule, save_tokenizer
+from mtrain.models import MoECausalLM, save_pretrained
+from mtrain.parallel import export_hf as export_sharded
+from mtrain.parallel import is_sharded
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    path.write_text(json.dumps(clean(data), indent=2) + "\n")
+    return path
+
+
+_TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+
+
+def export_hf(
+    model: MoECausalLM, dm: MTrainDataModule, tokenizer_from: Optional[Path], dest: Path, dtype: Optional[torch.dtype] = None
+) -> Optional[Path]:
+    """Write ``model`` as an HF checkpoint folder at ``dest`` with its tokenizer: the source tokenizer.json (and its
+    tokenizer_config.json etc.) copied as is, or -- for the synthetic task -- the synthetic tokenizer saved.
+
+    A sharded model (``trainer=fsdp``) is streamed (``mtrain.parallel.export_hf``: one parameter gathered at a time,
+    rank 0 writes): call it on every rank; it returns ``dest`` on rank 0 and None elsewhere. ``dtype``: write the
+    weights in this dtype (the gate keeps its policy dtype)."""
+    tok_file = None
+    if tokenizer_from is not None:
+        tok_file = tokenizer_from / "tokenizer.json" if tokenizer_from.is_dir() else tokenizer_from
+    if is_sharded(model):
+        if export_sharded(model, dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype) is None:
+            return None  # not rank 0
+    else:
+        save_pretrained(model, dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype)
+    if tok_file is None:
+        save_tokenizer(dm.tokenizer, dest)
+    else:
+        for name in _TOKENIZER_SIDE_FILES:
+            side = tok_file.parent / name
+            if side.is_file():
+                shutil.copyfile(side, dest / name)
+    return dest

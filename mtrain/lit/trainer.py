@@ -1,0 +1,81 @@
+"""The ``lightning.Trainer`` of a run: ``cfg.trainer`` kwargs, loggers, progress bar, checkpoints, quiet logs."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mtrain.lit.callbacks import SaveLastOnTrainEnd, StepProgressBar, make_checkpoint, make_loggers
+from mtrain.parallel.lightning import trainer_kwargs
+
+log = logging.getLogger("mtrain")
+
+# Lightning hints that do not apply to the tiny in-memory datasets of mtrain (the data is tokenized up front).
+_QUIET = (
+    r".*does not have many workers.*",
+    r".*is smaller than the logging interval.*",
+    r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    # val/loss and val/ppl are already summed over ranks (MoELitModule.on_validation_epoch_end)
+    r".*when logging on epoch level in distributed setting to accumulate the metric across devices.*",
+    # trainer=fsdp: last.ckpt is a distributed-checkpoint folder, rewritten in place on purpose
+    r".*Detected an existing checkpoint in .*overwriting since self.overwrite=True.*",
+)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if "Tip:" in msg:
+            return False
+        # with an fp32 gate, TF32 is off on purpose (PrecisionPolicy.apply_backends); Lightning's hint to turn it on is noise
+        return not ("set_float32_matmul_precision" in msg and not torch.backends.cuda.matmul.allow_tf32)
+
+
+def quiet_lightning() -> None:
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    rz = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in rz.filters):
+        rz.addFilter(_DropTips())
+
+
+def build_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    *,
+    has_val: bool = True,
+    callbacks: Iterable[L.Callback] = (),
+    checkpoint: bool = True,
+    save_top_k: int = 1,
+    checkpoint_every: Optional[int] = None,
+    loggers: bool = True,
+    multirun: bool = False,
+    **overrides: Any,
+) -> L.Trainer:
+    """A ``lightning.Trainer`` from ``cfg.trainer`` (its keys are Trainer kwargs) with the run's loggers/callbacks."""
+    quiet_lightning()
+    kw: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    kw.update(overrides)
+    kw = trainer_kwargs(kw, multirun=multirun)  # strategy=fsdp2 -> ModelParallelStrategy; the -m launch check
+    if not has_val:
+        kw["limit_val_batches"] = 0
+        kw["num_sanity_val_steps"] = 0
+    cbs = list(callbacks)
+    if kw.get("enable_progress_bar", True):
+        cbs.append(StepProgressBar())
+    if checkpoint:
+        cbs += [make_checkpoint(run_dir, has_val, save_top_k, checkpoint_every), SaveLastOnTrainEnd()]
+    return L.Trainer(
+        default_root_dir=str(run_dir),
+        logger=make_loggers(run_dir) if loggers else False,
+        callbacks=cbs,
+        enable_checkpointing=checkpoint,
+        enable_model_summary=False,  # the tasks log their own one-line summary (total and active parameters)
+        **kw,
+    )

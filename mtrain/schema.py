@@ -1,0 +1,230 @@
+"""The typed schema of every config group, stored in Hydra's ConfigStore on ``import mtrain``.
+
+Hydra sets the struct flag, so a misspelled key or a wrong type under any group (model, rl, trainer, task, data) is
+refused at compose time with its name. Each ``conf/<group>/<option>.yaml`` starts from its schema
+(``defaults: [/schema/<group>/<option>@_here_]``); ``model`` schemas are made from the model-family registry, so a
+new family gets its typed ``model.arch`` without an edit here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from mtrain.data.config import DataConfig
+from mtrain.models.registry import FAMILIES, ModelFamily
+
+
+# -- model ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # a registered family: glm4_moe | qwen3_moe | ...
+    checkpoint: Optional[str] = None  # null = random init; else a Hugging Face model folder
+    dtype: Optional[str] = None  # float32 | bfloat16 | null (= follow trainer.precision)
+    moe_gate_fp32: Optional[bool] = None  # null/interpolation = decided by mtrain.config.decide_precision()
+    rope_fp32: Optional[bool] = None
+    arch: Any = MISSING  # the family's config dataclass
+
+
+_MODEL_SCHEMAS: dict[str, tuple[ModelFamily, type]] = {}
+
+
+def model_schema(family: ModelFamily) -> type:
+    """``ModelConfig`` with ``name`` fixed to the family and ``arch`` typed by its config dataclass (one class per
+    registered family, made once)."""
+    cached = _MODEL_SCHEMAS.get(family.name)
+    if cached is not None and cached[0] is family:
+        return cached[1]
+    node = make_dataclass(
+        f"{family.config.__name__}Model",
+        [("name", str, family.name), ("arch", family.config, field(default_factory=family.config))],
+        bases=(ModelConfig,),
+    )
+    _MODEL_SCHEMAS[family.name] = (family, node)
+    return node
+
+
+# -- rl, trainer ----------------------------------------------------------------------------------------------------
+@dataclass
+class RLConfig:
+    mode: str = "auto"  # on | off | auto (= follow FD_ENABLE_RL)
+
+
+@dataclass
+class TrainerConfig:
+    """Keyword arguments of ``lightning.Trainer``."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1  # int, list of ints or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # a Lightning strategy name, or fsdp2 (trainer=fsdp: mtrain.parallel, ModelParallelStrategy)
+    precision: str = "32-true"
+    max_steps: int = 100
+    val_check_interval: Any = 50  # int: every N training batches; float: fraction of an epoch
+    check_val_every_n_epoch: Optional[int] = None  # None: val_check_interval counts steps across epochs
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+
+
+# -- tasks ----------------------------------------------------------------------------------------------------------
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+
+
+@dataclass
+class InfoTaskConfig(TaskConfig):
+    name: str = "info"
+
+
+@dataclass
+class ModelTaskConfig(TaskConfig):
+    """What every model-running task shares: speed settings and the greedy exact-match accuracy."""
+
+    compile: bool = True  # torch.compile each decoder layer (CUDA only; CPU stays eager)
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; null = from the GPU's name (H100/H200 bf16: 989), 0 = no MFU
+    accuracy: Optional[bool] = None  # exact-match accuracy of greedy answers on the val examples; null = synthetic data only
+    max_accuracy_examples: int = 1000  # at most this many val examples are generated for
+    gen_batch_size: int = 256  # prompts decoded together
+    max_new_tokens: Optional[int] = None  # null: longest reference answer + 2
+
+
+@dataclass
+class OptimTaskConfig(ModelTaskConfig):
+    """AdamW with linear warm-up and cosine decay; checkpoints and export (steps, clipping and accumulation come from
+    ``trainer``)."""
+
+    lr: float = 3e-3  # peak learning rate
+    warmup_steps: int = 50  # linear warm-up from 0 to lr over these optimizer steps
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at trainer.max_steps
+    weight_decay: float = 0.0  # AdamW decoupled decay on matrices only (never norms, biases, router bias)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    ckpt_path: Optional[str] = None  # a Lightning .ckpt to resume from (weights, optimizer, scheduler, step)
+    export: bool = True  # write <run dir>/hf_model (HF format + tokenizer) at the end
+
+
+@dataclass
+class SFTTaskConfig(OptimTaskConfig):
+    """``task=sft``: supervised fine-tuning."""
+
+    name: str = "sft"
+    accuracy_before: bool = True  # also measure accuracy before training (the random/initial model)
+    save_top_k: int = 1  # best checkpoints kept by val/loss (plus last.ckpt)
+
+
+@dataclass
+class EvalTaskConfig(ModelTaskConfig):
+    """``task=eval``: mean token loss / perplexity, tokens/s, optional per-token logprobs and accuracy."""
+
+    name: str = "eval"
+    split: str = "auto"  # auto (val if there is one, else train) | val | train
+    max_batches: Optional[int] = None  # evaluate only the first N batches
+    save_logprobs: bool = False  # write <run dir>/token_logprobs.jsonl (one line per row of each batch)
+
+
+@dataclass
+class MismatchTaskConfig(TaskConfig):
+    """``task=mismatch``: rollout profile vs trainer profile on the same weights."""
+
+    name: str = "mismatch"
+    prompts_path: Optional[str] = None  # JSONL with {"prompt": ...} per line; null = the built-in task's val prompts
+    num_prompts: int = 32
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    rollout_decode: str = "auto"  # auto (recompute under rl=on, else kv) | kv | recompute
+    trainer_gate_fp32: bool = True  # the trainer profile's gate (Megatron: fp32)
+    trainer_rope_fp32: Optional[bool] = None  # null: the run's decision (model.rope_fp32)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: Optional[str] = "bfloat16"  # what rollout engines run; null = model.dtype
+
+
+@dataclass
+class ExportTaskConfig(TaskConfig):
+    """``task=export``: an HF checkpoint with the gate in the decided dtype."""
+
+    name: str = "export"
+    path: Optional[str] = None  # output folder; null = <run dir>/hf_model
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class GRPOTaskConfig(OptimTaskConfig):
+    """``task=grpo``: RL fine-tuning with group-relative advantages on the embedded rollout path."""
+
+    name: str = "grpo"
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0  # constant after warm-up (RL recipes keep the lr flat)
+    # rollouts: prompts_per_step x group_size responses per RL step (trainer.max_steps = RL steps)
+    prompts_per_step: int = 16
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    rollout_decode: str = "auto"  # auto (recompute under rl=on, kv otherwise) | kv | recompute
+    rollout_dtype: Optional[str] = None  # the engine's dtype; null = model.dtype
+    # updates
+    ppo_epochs: int = 1
+    num_minibatches: int = 1  # optimizer steps per epoch (each on a shuffled slice of the step's responses)
+    advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce (no baseline)
+    norm_adv_by_std: bool = True  # grpo: divide by the group's std
+    loss: str = "ppo"  # ppo (token ratio) | gspo (sequence ratio)
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # clip-higher (DAPO); 0.2 = classic PPO
+    dual_clip: Optional[float] = None  # e.g. 3.0: cap the loss of negative-advantage tokens at 3 |A|
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    kl_coef: float = 0.0  # > 0: KL to a frozen reference (the policy at the start of RL) is added
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    # rewards and prompts
+    reward: str = "exact"  # exact | numeric | a dotted path package.module.function(prompt, response, example)
+    reward_fn: Optional[Any] = None  # a Hydra node {_target_: package.module.function, ...}; wins over `reward`
+    prompts_path: Optional[str] = None  # JSONL {"prompt", "answer"}; null = the synthetic task of data=
+    val_prompts_path: Optional[str] = None  # JSONL held out for accuracy (synthetic: its val split)
+    warm_start_steps: int = 0  # SFT steps on data= before RL (the synthetic task: exact answers)
+    warm_start_lr: float = 3e-3
+    # outputs
+    eval_every: int = 20  # held-out greedy accuracy every N RL steps (and before/after)
+    rollouts_every: int = 10  # append a sample of prompts/responses/rewards to rollouts.jsonl every N steps
+    checkpoint_every_n_steps: int = 50  # RL steps between checkpoints (last.ckpt)
+
+
+TASK_SCHEMAS: dict[str, type] = {
+    "info": InfoTaskConfig,
+    "sft": SFTTaskConfig,
+    "eval": EvalTaskConfig,
+    "mismatch": MismatchTaskConfig,
+    "export": ExportTaskConfig,
+    "grpo": GRPOTaskConfig,
+}
+
+
+# -- root -----------------------------------------------------------------------------------------------------------
+@dataclass
+class MTrainConfig:
+    model: ModelConfig = MISSING
+    rl: RLConfig = field(default_factory=RLConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: Any = MISSING  # typed per task by its schema (first entry of the task yaml's defaults list)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+
+
+def model_schemas() -> dict[str, type]:
+    return {name: model_schema(family) for name, family in FAMILIES.items()}
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent: storing again replaces)."""
+    cs = ConfigStore.instance()
+    cs.store(name="mtrain_schema", node=MTrainConfig)
+    for name, node in model_schemas().items():
+        cs.store(group="schema/model", name=name, node=node)
+    for name, node in TASK_SCHEMAS.items():
+        cs.store(group="schema/task", name=name, node=node)
