@@ -1,0 +1,261 @@
+"""``task=grpo``: RL fine-tuning of an MoE model with GRPO-family losses on the embedded rollout path.
+
+data/prompts -> model (checkpoint or random init) -> [SFT warm start] -> rollout engine in the profile the RL decision
+gives -> Lightning fit of :class:`mtrain.lit.grpo.GRPOModule` (``trainer.max_steps`` RL steps) -> HF export ->
+``metrics.json``, ``reward_curve.png``, ``mismatch_curve.png``, ``rollouts.jsonl``, CSV (+TensorBoard) logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+from omegaconf import OmegaConf
+
+from mtrain.config import ConfigError
+from mtrain.data.prompts import read_prompt_jsonl
+from mtrain.data.rewards import exact_match, resolve_reward, score
+from mtrain.job import Job, Setup, export_hf, greedy_accuracy, start_job, write_json
+from mtrain.lit import MoELitModule, build_trainer
+from mtrain.lit.grpo import GRPOModule, GRPOSettings
+from mtrain.models import MoECausalLM
+from mtrain.models.flops import peak_tflops
+from mtrain.plots import figure
+from mtrain.rl import ADVANTAGE_MODES, KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_KINDS
+from mtrain.rl.grpo import LossSettings
+from mtrain.rl.rollout import RolloutEngine, SamplingConfig
+
+log = logging.getLogger("mtrain")
+DECODES = ("auto", "kv", "recompute")
+
+
+def check_config(job: Job) -> None:
+    """Refuse settings that cannot work, before anything is built or written."""
+    t, cfg = job.cfg.task, job.cfg
+    choices = {"advantage": ADVANTAGE_MODES, "loss": POLICY_LOSS_KINDS, "loss_agg": LOSS_AGG_MODES,
+               "kl_estimator": KL_KINDS, "rollout_decode": DECODES}
+    for key, allowed in choices.items():
+        if t[key] not in allowed:
+            raise ConfigError(f"task.{key}={t[key]!r} is not one of {', '.join(allowed)}")
+    if t.group_size < 2:
+        raise ConfigError(f"task.group_size={t.group_size}: GRPO compares responses within a group; use >= 2")
+    if t.max_new_tokens is not None and t.max_new_tokens <= 0:
+        raise ConfigError(f"task.max_new_tokens={t.max_new_tokens} must be > 0 (or null: longest answer + 2)")
+    for key in ("prompts_per_step", "ppo_epochs", "num_minibatches"):
+        if t[key] < 1:
+            raise ConfigError(f"task.{key}={t[key]} must be >= 1")
+    if t.num_minibatches > t.prompts_per_step * t.group_size:
+        raise ConfigError(f"task.num_minibatches={t.num_minibatches} exceeds the {t.prompts_per_step * t.group_size} "
+                          "responses of a step; lower it")
+    if t.temperature <= 0:
+        raise ConfigError(f"task.temperature={t.temperature}: RL samples; use > 0")
+    if cfg.trainer.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1 (the number of RL steps)")
+    if str(cfg.trainer.strategy) == "fsdp2":
+        raise ConfigError("task=grpo does not run under trainer=fsdp yet; use trainer=gpu or trainer=cpu")
+    if t.loss_agg == "seq-mean-token-sum-norm" and t.max_new_tokens is None:
+        pass  # the norm length is resolved from the answers below
+
+
+def reward_function(task) -> Callable:
+    """``task.reward_fn`` (a Hydra ``_target_`` node, instantiated as a partial) or ``task.reward`` (a name or a
+    dotted path)."""
+    if task.reward_fn is not None:
+        node = OmegaConf.to_container(task.reward_fn, resolve=True)
+        try:
+            return hydra.utils.instantiate(node, _partial_=True)
+        except Exception as e:  # noqa: BLE001  (Hydra wraps import errors; report one line)
+            raise ConfigError(f"task.reward_fn: cannot instantiate {node.get('_target_')!r}: {e}".split("\n")[0]) from None
+    return resolve_reward(task.reward)
+
+
+def prompt_sets(job: Job, s: Setup) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompt sets ``{"prompt", "answer", ...}``: JSONL files, else the synthetic task's splits."""
+    t = job.cfg.task
+    need_answer = t.reward_fn is None and t.reward in ("exact", "numeric")
+    if t.prompts_path:
+        train = read_prompt_jsonl(t.prompts_path, require_answer=need_answer)
+        val = read_prompt_jsonl(t.val_prompts_path, require_answer=need_answer) if t.val_prompts_path else []
+        return train, val
+    dm = s.datamodule
+    if not dm.train_examples:
+        raise ConfigError("task=grpo needs prompts: set task.prompts_path=/path/prompts.jsonl or use data=synthetic "
+                          "(or JSONL data with prompt/response pairs)")
+    as_prompt = lambda e: {"prompt": e["prompt"], "answer": e["response"]}  # noqa: E731
+    return [as_prompt(e) for e in dm.train_examples], [as_prompt(e) for e in dm.val_examples]
+
+
+def make_scorer(reward_fn: Callable):
+    def scorer(prompts, responses, examples):
+        rewards = score(reward_fn, prompts, responses, examples)
+        exact = [bool(exact_match(p, r, e)) if "answer" in e else None for p, r, e in zip(prompts, responses, examples)]
+        return rewards, exact
+    return scorer
+
+
+def warm_start(job: Job, s: Setup, steps: int, lr: float) -> float:
+    """A short SFT of the model on ``data`` (the synthetic task: prompt -> exact answer). Returns its seconds."""
+    t0 = time.perf_counter()
+    lit = MoELitModule(s.model, lr=lr, warmup_steps=min(20, steps // 4), min_lr_ratio=0.1)
+    trainer = build_trainer(job.cfg, job.dir, has_val=False, checkpoint=False, max_steps=steps,
+                            multirun=job.multirun, enable_progress_bar=False, loggers=False)
+    trainer.fit(lit, datamodule=s.datamodule)
+    losses = lit.train_losses()
+    log.info("warm start: %d SFT steps, loss %.3f -> %.3f", steps, losses[0][1], losses[-1][1])
+    return time.perf_counter() - t0
+
+
+def run(job: Job) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    check_config(job)
+    cfg, plan, out, t = job.cfg, job.plan, job.dir, job.cfg.task
+    reward_fn = reward_function(t)
+    s = start_job(job)
+    dm, model = s.datamodule, s.model
+    train_prompts, val_prompts = prompt_sets(job, s)
+    encoded = [dm.encode_prompt(e["prompt"]) for e in train_prompts]
+    max_new = t.max_new_tokens or 2 + max(
+        len(dm.tokenizer.encode(str(e.get("answer", "")), add_special_tokens=False).ids) for e in train_prompts)
+    limit = model.config.max_position_embeddings
+    for i, ids in enumerate(encoded):
+        if len(ids) + max_new > limit:
+            raise ConfigError(f"prompt #{i} ({train_prompts[i]['prompt'][:40]!r}...) has {len(ids)} tokens; with "
+                              f"max_new_tokens={max_new} it exceeds the model's context of {limit}; shorten it or "
+                              "lower task.max_new_tokens")
+
+    metrics: dict[str, Any] = {"task": "grpo", "model": cfg.model.name, "checkpoint": cfg.model.checkpoint,
+                               "dtype": cfg.model.dtype, "moe_gate_fp32": plan.moe_gate_fp32,
+                               "resumed_from": t.ckpt_path, "prompts": len(train_prompts),
+                               "val_prompts": len(val_prompts)}
+    seconds = {"warm_start": 0.0}
+    if t.warm_start_steps > 0 and not t.ckpt_path:
+        seconds["warm_start"] = warm_start(job, s, t.warm_start_steps, t.warm_start_lr)
+        model = s.model
+    if t.compile and s.cuda:
+        model.compile_layers()
+
+    decode = t.rollout_decode if t.rollout_decode != "auto" else ("recompute" if plan.rl else "kv")
+    engine = RolloutEngine.like(model, plan.policy, t.rollout_dtype, decode,
+                                eos_ids=[dm.eos_id] if dm.eos_id is not None else [], pad_id=dm.pad_id)
+    ref = None
+    if t.kl_coef > 0:
+        ref = RolloutEngine.like(model, plan.policy, None, "kv").model  # a frozen copy of the policy at RL start
+    val = [{"prompt": e["prompt"], "response": str(e["answer"])} for e in val_prompts if "answer" in e]
+    val = val[: t.max_accuracy_examples]
+
+    def evaluate(m: MoECausalLM) -> float:
+        return greedy_accuracy(m, dm, val, device=s.device, batch_size=t.gen_batch_size,
+                               max_new_tokens=t.max_new_tokens)["accuracy"] if val else float("nan")
+
+    settings = GRPOSettings(
+        prompts_per_step=t.prompts_per_step, group_size=t.group_size,
+        sampling=SamplingConfig(max_new, t.temperature, t.top_p),
+        loss=LossSettings(t.loss, t.clip_low, t.clip_high, t.dual_clip, t.loss_agg, max_new, t.kl_coef, t.kl_estimator),
+        ppo_epochs=t.ppo_epochs, num_minibatches=t.num_minibatches, advantage=t.advantage,
+        norm_adv_by_std=t.norm_adv_by_std, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
+        weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps, grad_clip=cfg.trainer.gradient_clip_val,
+        seed=cfg.seed, eval_every=t.eval_every, rollouts_every=t.rollouts_every,
+    )
+    rollouts_file = out / "rollouts.jsonl"
+    lit = GRPOModule(model, engine, encoded, train_prompts, dm.decode, make_scorer(reward_fn), settings, ref_model=ref,
+                     evaluate=evaluate if val else None, rollouts_file=rollouts_file)
+    updates = settings.updates_per_step
+    trainer = build_trainer(
+        cfg, out, has_val=False, checkpoint_every=t.checkpoint_every_n_steps * updates, multirun=job.multirun,
+        max_steps=cfg.trainer.max_steps * updates, gradient_clip_val=None, accumulate_grad_batches=1,
+        val_check_interval=None,
+    )
+    t_fit = time.perf_counter()
+    trainer.fit(lit, ckpt_path=t.ckpt_path)
+    seconds["fit"] = time.perf_counter() - t_fit
+    seconds |= {f"{k}": v for k, v in lit.seconds.items()}
+
+    metrics |= summarize(lit, trainer.global_step // updates, peak_tflops(t.peak_tflops, s.cuda))
+    metrics["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    files = {"run_dir": str(out), "metrics": str(out / "metrics.json"), "rollouts": str(rollouts_file),
+             "csv_log": str(Path(trainer.loggers[0].log_dir) / "metrics.csv"), "checkpoints": str(out / "checkpoints")}
+    files |= plot_curves(lit, out, f"grpo {cfg.model.name}, rl={'on' if plan.rl else 'off'}, decode={decode}")
+    if t.export and trainer.is_global_zero:
+        files["hf_model"] = str(export_hf(model, dm, s.tokenizer_from, out / "hf_model"))
+    metrics["wall_s"] = time.perf_counter() - t_start
+    metrics["files"] = files
+    if trainer.is_global_zero:
+        write_json(out / "metrics.json", metrics)
+        print_summary(metrics)
+    return metrics
+
+
+def summarize(lit: GRPOModule, steps: int, _peak: float) -> dict[str, Any]:
+    """Final values: the last step's metrics, accuracy before/after, the run's mean/max mismatch."""
+    h = lit.history
+    out: dict[str, Any] = {"steps": steps}
+    if lit.evals:
+        out["val_accuracy_before"] = lit.evals[0][1]
+        out["val_accuracy"] = lit.evals[-1][1]
+        out["val_accuracy_curve"] = [[s, round(a, 4)] for s, a in lit.evals]
+    if h:
+        last = h[-1]
+        for key in ("reward/mean", "reward/std", "accuracy", "frac_zero_std", "response_length/mean",
+                    "response_length/max", "train/entropy", "train/clip_frac", "train/approx_kl", "train/grad_norm",
+                    "lr", "rollout/tokens_per_s", "train/tokens_per_s"):
+            if key in last:
+                out[key.replace("/", "_")] = last[key]
+        tail = h[-10:]
+        out["reward_mean_last10"] = sum(r["reward/mean"] for r in tail) / len(tail)
+        for key in ("mismatch/k3", "mismatch/routing_disagreement", "mismatch/logprob_abs_diff_mean"):
+            values = [r[key] for r in h]
+            out[key.replace("/", "_") + "_mean"] = sum(values) / len(values)
+        out["mismatch_logprob_abs_diff_max"] = max(r["mismatch/logprob_abs_diff_max"] for r in h)
+        out["mismatch_routing_disagreement_max"] = max(r["mismatch/routing_disagreement"] for r in h)
+    out["engine_syncs"] = lit.engine.syncs
+    return out
+
+
+def plot_curves(lit: GRPOModule, out: Path, title: str) -> dict[str, str]:
+    h = lit.history
+    if not h:
+        return {}
+    steps = [r["step"] for r in h]
+    with figure(out / "reward_curve.png", size=(7, 4)) as ax:
+        ax.plot(steps, [r["reward/mean"] for r in h], color="tab:blue", lw=1.2, label="reward (train, mean)")
+        acc = [r["accuracy"] for r in h]
+        if not all(math.isnan(a) for a in acc):
+            ax.plot(steps, acc, color="tab:green", lw=0.8, alpha=0.6, label="exact match (train samples)")
+        if lit.evals:
+            xs, ys = zip(*lit.evals)
+            ax.plot(xs, ys, "o-", color="tab:orange", ms=4, lw=1.6, label="exact match (held-out, greedy)")
+        ax.set_xlabel("RL step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=9)
+    with figure(out / "mismatch_curve.png", size=(9, 3.5), ncols=2) as (a1, a2):
+        a1.plot(steps, [r["mismatch/k3"] for r in h], color="tab:red", lw=1.2)
+        a1.set_title("train/rollout KL (k3) of each step's batch", fontsize=9)
+        a2.plot(steps, [100 * r["mismatch/routing_disagreement"] for r in h], color="tab:purple", lw=1.2)
+        a2.set_title("routing disagreement (%)", fontsize=9)
+        for a in (a1, a2):
+            a.set_xlabel("RL step")
+            a.grid(alpha=0.3)
+    return {"reward_curve": str(out / "reward_curve.png"), "mismatch_curve": str(out / "mismatch_curve.png")}
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def print_summary(m: dict[str, Any]) -> None:
+    acc = f"held-out accuracy {_pct(m.get('val_accuracy_before'))} -> {_pct(m.get('val_accuracy'))}"
+    mis = (f"mismatch k3 mean {m.get('mismatch_k3_mean', 0):.2e}, routing disagreement mean "
+           f"{100 * m.get('mismatch_routing_disagreement_mean', 0):.2f}%")
+    print(f"\nmtrain grpo: {m['steps']} RL steps in {m['wall_s']:.0f} s: reward {m.get('reward_mean_last10', 0):.3f} "
+          f"(mean of last 10 steps), {acc}; {mis}")
+    for key, value in (("run dir", m["files"]["run_dir"]), ("metrics", "metrics.json"),
+                       ("curves", "reward_curve.png, mismatch_curve.png"), ("rollouts", "rollouts.jsonl"),
+                       ("logs", "csv/metrics.csv"), ("HF model", "hf_model/" if m["files"].get("hf_model") else None)):
+        if value:
+            print(f"  {key:<12} {value}")
