@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any, Dict, Optional, Sequence
@@ -12,7 +11,7 @@ from omegaconf import DictConfig
 
 from mtrain.data import MTrainDataModule
 from mtrain.models import MoECausalLM
-from mtrain.models.generate import generate
+from mtrain.models.generate import eager, generate
 from mtrain.parallel import root_unsharded
 
 log = logging.getLogger("mtrain")
@@ -26,12 +25,6 @@ def accuracy_examples(cfg: DictConfig, dm: MTrainDataModule) -> list:
     if not dm.val_examples:
         log.warning("task.accuracy: the val split has no prompt/response examples; accuracy skipped")
     return dm.val_examples[: cfg.task.max_accuracy_examples]
-
-
-def eager():
-    """Generation has changing shapes and a Python KV cache: run compiled layers eagerly for it."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()

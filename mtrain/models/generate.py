@@ -11,6 +11,7 @@ while decoding, and the top-k experts every MoE layer chose at the position that
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -45,6 +46,13 @@ class Generation:
         return torch.arange(n, device=self.lengths.device)[None, :] < self.lengths[:, None]
 
 
+def eager():
+    """Run compiled layers eagerly inside (generation has changing shapes and a Python KV cache; a recompute that
+    must match an eager rollout bit for bit must use the same kernels)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -73,6 +81,11 @@ def generate(
     """Decode ``max_new_tokens`` (or until every row emitted one of ``eos_ids``) after each prompt."""
     if decode not in ("kv", "recompute"):
         raise ValueError(f"decode={decode!r}: use 'kv' or 'recompute'")
+    with eager():
+        return _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, decode)
+
+
+def _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, decode) -> Generation:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     device = model.output_weight.device

@@ -14,12 +14,12 @@ from typing import Optional
 
 import torch
 
-from mtrain.models import MoECausalLM, RoutingTrace
+from mtrain.models import MoECausalLM
 from mtrain.models.generate import Generation, recompute
 
 from .advantages import frac_zero_std, group_advantages
 from .losses import aggregate, kl_penalty, policy_loss
-from .mismatch import mismatch_metrics
+from .mismatch import mismatch_metrics, trainer_recompute
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,10 @@ def advantages_of(rewards: torch.Tensor, group_size: int, mode: str, norm_std: b
     return group_advantages(grouped, mode, norm_std).reshape(-1), frac_zero_std(grouped)
 
 
-@torch.no_grad()
 def old_policy(model: MoECausalLM, gen: Generation, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trainer's logprobs [B, N] of the rollout's tokens (one full forward in the rollout's layout) and its expert
-    choices [B, N, moe_layers, k] at the positions that produced them."""
-    trace = RoutingTrace()
-    logprobs = recompute(model, gen, pad_id, trace=trace)
-    first = max(len(p) for p in gen.prompts)
-    N = gen.tokens.shape[1]
-    routing = trace.stacked()[:, first - 1 : first - 1 + N] if trace.ids else None
-    return logprobs, routing
+    """The trainer's logprobs [B, N] of the rollout's tokens (one eager full forward in the rollout's layout) and its
+    expert choices [B, N, moe_layers, k] at the positions that produced them."""
+    return trainer_recompute(model, gen, pad_id)
 
 
 def minibatch_loss(model: MoECausalLM, batch: StepBatch, rows: torch.Tensor, s: LossSettings, pad_id: int):
@@ -97,10 +91,9 @@ def minibatches(n: int, num: int, generator: torch.Generator) -> list[torch.Tens
     return [chunk for chunk in order.chunk(num) if chunk.numel()]
 
 
-def mismatch_stats(gen: Generation, trainer_lp: torch.Tensor, trainer_routing: Optional[torch.Tensor]) -> dict:
+def mismatch_stats(gen: Generation, trainer_lp: torch.Tensor, trainer_routing: torch.Tensor) -> dict:
     """Train/rollout mismatch of the batch: |dlogp| mean/max, k3, routing disagreement (0 when bit-identical)."""
-    routing = trainer_routing if trainer_routing is not None else gen.routing
-    m, _ = mismatch_metrics(gen.logprobs, trainer_lp, gen.routing, routing, gen.lengths, rows=False)
+    m, _ = mismatch_metrics(gen.logprobs, trainer_lp, gen.routing, trainer_routing, gen.lengths, rows=False)
     return {
         "mismatch/logprob_abs_diff_mean": m["logprob_abs_diff_mean"],
         "mismatch/logprob_abs_diff_max": m["logprob_abs_diff_max"],

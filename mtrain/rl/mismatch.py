@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from mtrain.models.generate import Generation, recompute
+from mtrain.models.generate import Generation, eager, recompute
 from mtrain.models.routing import RoutingTrace
 from mtrain.models.transformer import MoECausalLM
 
@@ -23,7 +23,8 @@ def trainer_recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0) -> t
     """The trainer's numbers for a rollout: the logprob [B, N] of every generated token (one full forward in the
     rollout's layout) and the routing [B, N, moe_layers, k] at the position that produced each token."""
     trace = RoutingTrace()
-    logprobs = recompute(model, gen, pad_id, trace=trace)
+    with eager():
+        logprobs = recompute(model, gen, pad_id, trace=trace)
     first = max(len(p) for p in gen.prompts)  # the first generated slot
     N = gen.tokens.shape[1]
     routing = trace.stacked()[:, first - 1 : first - 1 + N] if trace.ids else gen.routing.new_zeros(*logprobs.shape, 0, 0)

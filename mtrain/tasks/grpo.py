@@ -100,7 +100,7 @@ def make_scorer(reward_fn: Callable):
 def warm_start(job: Job, s: Setup, steps: int, lr: float) -> float:
     """A short SFT of the model on ``data`` (the synthetic task: prompt -> exact answer). Returns its seconds."""
     t0 = time.perf_counter()
-    lit = MoELitModule(s.model, lr=lr, warmup_steps=min(20, steps // 4), min_lr_ratio=0.1)
+    lit = MoELitModule(s.model, lr=lr, warmup_steps=min(50, steps // 4), min_lr_ratio=0.1, weight_decay=0.0)
     trainer = build_trainer(job.cfg, job.dir, has_val=False, checkpoint=False, max_steps=steps,
                             multirun=job.multirun, enable_progress_bar=False, loggers=False)
     trainer.fit(lit, datamodule=s.datamodule)
