@@ -325,17 +325,6 @@ def save_resolved(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def job_dir() -> Path:
-    """The current Hydra job's output dir (run dir, or the job's sweep subdir); the cwd outside a Hydra job."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        out = HydraConfig.get().runtime.output_dir
-        if out:
-            return Path(out)
-    return Path.cwd()
-
-
 register_resolvers()
 register_schemas()
 
@@ -345,7 +334,6 @@ __all__ = [
     "PrecisionPlan",
     "decide_precision",
     "dtype_for_precision",
-    "job_dir",
     "parse_fd_enable_rl",
     "prepare_run",
     "register_resolvers",

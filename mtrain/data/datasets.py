@@ -69,6 +69,18 @@ class Record:
 # reading
 
 
+def json_object(line: str, where: str, n: int, example: str) -> dict:
+    """Line ``n`` of a JSONL file as a dict; ``DataError`` naming ``where`` and showing ``example`` otherwise."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}). Fix: make line {n} one complete "
+                        f"JSON object, e.g. {example}.") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}. Fix: write {example} on line {n}.")
+    return obj
+
+
 def _files(path: str, kind: str) -> List[Path]:
     p = Path(path).expanduser()
     if p.is_dir():
@@ -99,14 +111,7 @@ def read_jsonl(path: str) -> List[Record]:
             if not line.strip():
                 continue
             where = f"{file}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}). Fix: make line {n} one "
-                                f"complete JSON object, e.g. {{\"text\": \"...\"}}.") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}. Fix: write "
-                                f"{{\"text\": ...}} or {{\"prompt\": ..., \"response\": ...}} on line {n}.")
+            obj = json_object(line, where, n, '{"text": ...} or {"prompt": ..., "response": ...}')
             if "prompt" in obj or "response" in obj:
                 if "prompt" not in obj or "response" not in obj:
                     missing = "response" if "prompt" in obj else "prompt"

@@ -14,12 +14,11 @@ Sources
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Dict, List, Tuple
 
 from mtrain.data import synthetic
-from mtrain.data.datasets import _files, _read
+from mtrain.data.datasets import _files, _read, json_object
 from mtrain.data.errors import DataError
 
 PromptExample = Dict[str, Any]  # {"prompt": str, "answer": str (absent only without require_answer), ...}
@@ -49,14 +48,7 @@ def read_prompt_jsonl(path: str, require_answer: bool = True) -> List[PromptExam
 
 
 def _parse(line: str, where: str, n: int, require_answer: bool) -> PromptExample:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}). Fix: make line {n} one complete "
-                        f"JSON object, e.g. {{\"prompt\": \"...\", \"answer\": \"...\"}}.") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}. Fix: write "
-                        f"{{\"prompt\": ..., \"answer\": ...}} on line {n}.")
+    obj = json_object(line, where, n, '{"prompt": ..., "answer": ...}')
     if "prompt" not in obj:
         keys = ", ".join(map(repr, obj)) or "none"
         raise DataError(f"{where}: no \"prompt\" (keys: {keys}). Fix: give line {n} a \"prompt\" string.")

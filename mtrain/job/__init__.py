@@ -7,10 +7,10 @@ and saved) and hands it over. Code calling a task directly (tests, notebooks) us
 
 from .accuracy import accuracy_examples, greedy_accuracy
 from .build import Setup, arch_of, build_setup, meta_model, model_from_config, start_job, tokenizer_source, uses_cuda
-from .outputs import export_hf, write_json
+from .outputs import export_hf, finish, write_json
 from .run import Job, UserError, user_error
 
 __all__ = [
-    "Job", "Setup", "UserError", "accuracy_examples", "arch_of", "build_setup", "export_hf", "greedy_accuracy",
+    "Job", "Setup", "UserError", "accuracy_examples", "arch_of", "build_setup", "export_hf", "finish", "greedy_accuracy",
     "meta_model", "model_from_config", "start_job", "tokenizer_source", "user_error", "uses_cuda", "write_json",
 ]

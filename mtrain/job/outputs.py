@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -14,6 +15,18 @@ from mtrain.data import MTrainDataModule, save_tokenizer
 from mtrain.models import MoECausalLM, save_pretrained
 from mtrain.parallel import export_hf as export_sharded
 from mtrain.parallel import is_sharded
+
+
+def finish(run_dir: Path, metrics: dict, files: dict, t_start: float, rank_zero: bool,
+           summary: Callable[[dict], None]) -> dict:
+    """The end of every training job: wall time and files into ``metrics``, ``metrics.json`` and the printed summary
+    (rank 0); returns ``metrics``."""
+    metrics["wall_s"] = time.perf_counter() - t_start
+    metrics["files"] = files
+    if rank_zero:
+        write_json(run_dir / "metrics.json", metrics)
+        summary(metrics)
+    return metrics
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from mtrain.config import ConfigError
 from mtrain.data.prompts import read_prompt_jsonl
 from mtrain.data.rewards import exact_match, resolve_reward, score
-from mtrain.job import Job, Setup, export_hf, greedy_accuracy, start_job, write_json
+from mtrain.job import Job, Setup, export_hf, finish, greedy_accuracy, start_job
 from mtrain.lit import MoELitModule, build_trainer
 from mtrain.lit.grpo import GRPOModule, GRPOSettings
 from mtrain.models import MoECausalLM
@@ -181,12 +181,7 @@ def run(job: Job) -> dict[str, Any]:
     files |= plot_curves(lit, out, f"grpo {cfg.model.name}, rl={'on' if plan.rl else 'off'}, decode={decode}")
     if t.export and trainer.is_global_zero:
         files["hf_model"] = str(export_hf(model, dm, s.tokenizer_from, out / "hf_model"))
-    metrics["wall_s"] = time.perf_counter() - t_start
-    metrics["files"] = files
-    if trainer.is_global_zero:
-        write_json(out / "metrics.json", metrics)
-        print_summary(metrics)
-    return metrics
+    return finish(out, metrics, files, t_start, trainer.is_global_zero, print_summary)
 
 
 def summarize(lit: GRPOModule, steps: int, _peak: float) -> dict[str, Any]:

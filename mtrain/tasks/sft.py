@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mtrain.job import Job, accuracy_examples, export_hf, greedy_accuracy, start_job, write_json
+from mtrain.job import Job, accuracy_examples, export_hf, finish, greedy_accuracy, start_job
 from mtrain.lit import LossCurve, MoELitModule, build_trainer
 from mtrain.models.flops import peak_tflops
 
@@ -105,12 +105,7 @@ def run(job: Job) -> dict[str, Any]:
         dest = export_hf(model, dm, s.tokenizer_from, out / "hf_model", dtype=s.fsdp.param_dtype if s.fsdp else None)
         if dest is not None:
             files["hf_model"] = str(dest)
-    metrics["wall_s"] = time.perf_counter() - t_start
-    metrics["files"] = files
-    if trainer.is_global_zero:
-        write_json(out / "metrics.json", metrics)
-        print_summary(metrics)
-    return metrics
+    return finish(out, metrics, files, t_start, trainer.is_global_zero, print_summary)
 
 
 def print_summary(m: dict[str, Any]) -> None:
