@@ -46,8 +46,9 @@ from torch.utils.data import Dataset
 from tokenizers import Tokenizer
 
 from mtrain.data.errors import DataError
+from mtrain.models.loss import IGNORE_INDEX
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # the one ignore index (mtrain.models.loss)
 Example = Tuple[List[int], List[bool]]  # token ids, is-target flags
 
 
