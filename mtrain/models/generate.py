@@ -177,16 +177,33 @@ def rollout_layout(gen: Generation, pad_id: int = 0) -> tuple[torch.Tensor, torc
 
 
 def recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0, *, trace: RoutingTrace | None = None,
-              with_entropy: bool = False):
+              with_entropy: bool = False, rollout_shapes: bool = True):
     """The trainer's side of a rollout: one full forward over prompt + generated tokens in the rollout's layout and
     buffer width, returning the logprob [B, N] of every generated token (0 after a row's end). Differentiable.
-    ``trace`` records (or replays) routing over the whole buffer; the rows that produced generated token j are
-    at position ``first - 1 + j``. With ``with_entropy``: (logprobs, entropy)."""
+    The output projection runs as the rollout ran it, one ``[B, hidden] @ [hidden, V]`` GEMM per generated position:
+    a GEMM's rows can depend on its shape, so the same shapes give the same numbers. ``rollout_shapes=False``: one
+    chunked projection over all generated positions instead (faster under autograd: what the policy updates use,
+    where float-level differences do not matter). ``trace`` records (or replays)
+    routing over the whole buffer; the rows that produced generated token j are at position ``first - 1 + j``.
+    With ``with_entropy``: (logprobs, entropy of each position's distribution)."""
     ids, positions, mask, first = rollout_layout(gen, pad_id)
     N = gen.tokens.shape[1]
-    targets = torch.full_like(ids, IGNORE_INDEX)
-    targets[:, first - 1 : first - 1 + N] = torch.where(gen.mask, gen.tokens, IGNORE_INDEX)
-    out = token_logprobs(model, ids, targets, position_ids=positions, attn_mask=mask, trace=trace,
-                         with_entropy=with_entropy)
-    producing = slice(first - 1, first - 1 + N)
-    return tuple(x[:, producing] for x in out) if with_entropy else out[:, producing]
+    if not rollout_shapes:
+        targets = torch.full_like(ids, IGNORE_INDEX)
+        targets[:, first - 1 : first - 1 + N] = torch.where(gen.mask, gen.tokens, IGNORE_INDEX)
+        out = token_logprobs(model, ids, targets, position_ids=positions, attn_mask=mask, trace=trace,
+                             with_entropy=with_entropy)
+        producing = slice(first - 1, first - 1 + N)
+        return tuple(x[:, producing] for x in out) if with_entropy else out[:, producing]
+    h = model.hidden_states(ids, position_ids=positions, attn_mask=mask, trace=trace)
+    w = model.output_weight
+    targets = torch.where(gen.mask, gen.tokens, -1)
+    lps, ents = [], []
+    for j in range(N):
+        logits = h[:, first - 1 + j] @ w.t()
+        lps.append(gather_logprobs(logits, targets[:, j]))
+        if with_entropy:
+            logp = logits.float().log_softmax(-1)
+            ents.append(torch.where(gen.mask[:, j], -(logp.exp() * logp).sum(-1), 0.0))
+    lp = torch.stack(lps, dim=1)
+    return (lp, torch.stack(ents, dim=1)) if with_entropy else lp

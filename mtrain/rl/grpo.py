@@ -71,7 +71,7 @@ def minibatch_loss(model: MoECausalLM, batch: StepBatch, rows: torch.Tensor, s: 
     """The loss of responses ``rows`` under the current policy, and its stats (entropy, clip fraction, approx KL,
     KL to the reference)."""
     sub = batch.gen.select(rows)
-    logp, entropy = recompute(model, sub, pad_id, with_entropy=True)
+    logp, entropy = recompute(model, sub, pad_id, with_entropy=True, rollout_shapes=False)
     mask = sub.mask.float()
     loss, stats = policy_loss(
         logp, batch.old_logprobs[rows], batch.advantages[rows], mask, kind=s.kind, clip_low=s.clip_low,
