@@ -23,7 +23,6 @@ from mtrain.job import Job, Setup, export_hf, finish, greedy_accuracy, start_job
 from mtrain.lit import MoELitModule, build_trainer
 from mtrain.lit.grpo import GRPOModule, GRPOSettings
 from mtrain.models import MoECausalLM
-from mtrain.models.flops import peak_tflops
 from mtrain.plots import figure
 from mtrain.rl import ADVANTAGE_MODES, KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_KINDS
 from mtrain.rl.grpo import LossSettings
@@ -57,8 +56,6 @@ def check_config(job: Job) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1 (the number of RL steps)")
     if str(cfg.trainer.strategy) == "fsdp2":
         raise ConfigError("task=grpo does not run under trainer=fsdp yet; use trainer=gpu or trainer=cpu")
-    if t.loss_agg == "seq-mean-token-sum-norm" and t.max_new_tokens is None:
-        pass  # the norm length is resolved from the answers below
 
 
 def reward_function(task) -> Callable:
@@ -172,9 +169,9 @@ def run(job: Job) -> dict[str, Any]:
     t_fit = time.perf_counter()
     trainer.fit(lit, ckpt_path=t.ckpt_path)
     seconds["fit"] = time.perf_counter() - t_fit
-    seconds |= {f"{k}": v for k, v in lit.seconds.items()}
+    seconds |= lit.seconds
 
-    metrics |= summarize(lit, trainer.global_step // updates, peak_tflops(t.peak_tflops, s.cuda))
+    metrics |= summarize(lit, trainer.global_step // updates)
     metrics["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     files = {"run_dir": str(out), "metrics": str(out / "metrics.json"), "rollouts": str(rollouts_file),
              "csv_log": str(Path(trainer.loggers[0].log_dir) / "metrics.csv"), "checkpoints": str(out / "checkpoints")}
@@ -184,7 +181,7 @@ def run(job: Job) -> dict[str, Any]:
     return finish(out, metrics, files, t_start, trainer.is_global_zero, print_summary)
 
 
-def summarize(lit: GRPOModule, steps: int, _peak: float) -> dict[str, Any]:
+def summarize(lit: GRPOModule, steps: int) -> dict[str, Any]:
     """Final values: the last step's metrics, accuracy before/after, the run's mean/max mismatch."""
     h = lit.history
     out: dict[str, Any] = {"steps": steps}
