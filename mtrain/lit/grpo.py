@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from mtrain.lit.module import WarmupCosine, param_groups
 from mtrain.models import MoECausalLM
+from mtrain.models.generate import recompute
 from mtrain.rl.grpo import LossSettings, StepBatch, advantages_of, minibatch_loss, minibatches, mismatch_stats, old_policy
 from mtrain.rl.rollout import RolloutEngine, SamplingConfig
 
@@ -155,7 +156,10 @@ class GRPOModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         old_lp, trainer_routing = old_policy(self.model, gen, self.engine.pad_id)
-        ref_lp = old_policy(self.ref_model, gen, self.engine.pad_id)[0] if self.ref_model is not None else None
+        ref_lp = None
+        if self.ref_model is not None:  # logprobs only: no routing trace, the fast projection
+            with torch.no_grad():
+                ref_lp = recompute(self.ref_model, gen, self.engine.pad_id, rollout_shapes=False)
         self.model.train(was_training)
         old_s = self._now() - t0
 

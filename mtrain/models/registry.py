@@ -54,7 +54,3 @@ def get_family(name: str) -> ModelFamily:
 def family_of(obj: "MoECausalLM | MoEConfig") -> ModelFamily:
     cfg = getattr(obj, "config", obj)
     return get_family(cfg.model_type)
-
-def families() -> list[str]:
-    return sorted(FAMILIES)
-

@@ -63,11 +63,3 @@ class RoutingTrace:
     def stacked(self) -> torch.Tensor:
         """Expert ids of every recorded layer stacked on dim 2: ``[B, S, moe_layers, k]`` (layer order)."""
         return torch.stack([self.ids[i] for i in self.layers], dim=2)
-
-    def select(self, index) -> "RoutingTrace":
-        """A trace holding ``ids[layer][index]`` (e.g. a slice of positions or rows) of every layer, same mode."""
-        out = RoutingTrace.__new__(RoutingTrace)
-        out.mode, out.record_logits = self.mode, self.record_logits
-        out.ids = {k: v[index] for k, v in self.ids.items()}
-        out.logits = {k: v[index] for k, v in self.logits.items()}
-        return out
