@@ -63,8 +63,8 @@ def step(a, cfg, device, rl: bool, new_tokens: int) -> dict:
         gen, t_roll = engine.generate(prompts, sampling, seed=it)
         rewards = torch.rand(len(prompts), generator=g).round().to(device)  # a synthetic 0/1 reward
         adv, _ = advantages_of(rewards, a.group, "grpo", True)
-        (old, routing), t_old = clock(lambda: old_policy(model, gen, 0))
-        batch = StepBatch(gen, rewards, adv, old)
+        old, t_old = clock(lambda: old_policy(model, gen, 0))
+        batch = StepBatch(gen, rewards, adv, old.logprobs)
 
         def update():
             for rows in torch.arange(len(prompts), device=device).chunk(a.minibatches):
@@ -82,7 +82,7 @@ def step(a, cfg, device, rl: bool, new_tokens: int) -> dict:
             "rollout_s": t_roll, "old_logprobs_s": t_old, "update_s": t_upd,
             "rollout_tokens_per_s": generated / t_roll, "old_logprobs_tokens_per_s": seq_tokens / t_old,
             "update_tokens_per_s": seq_tokens / t_upd, "responses": len(prompts), "new_tokens": new_tokens,
-            **mismatch_stats(gen, old, routing),
+            **mismatch_stats(gen, old),
         }
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -156,6 +156,29 @@ class ExportTaskConfig(TaskConfig):
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """``task.rollout_correction``: IS weights / masks from the trainer's vs the engine's logprobs
+    (mtrain.rl.corrections) and where the old policy comes from."""
+
+    mode: str = "off"  # off | token_tis | token_mask | seq_tis | seq_mask | geo_mask | k3_filter
+    old_logprobs: str = "decoupled"  # decoupled (trainer recompute + IS weight) | bypass (the engine's logprobs)
+    cap: float = 2.0  # TIS truncation C; the masks' default band is [1/C, C]
+    lower: Optional[float] = None
+    upper: Optional[float] = None
+    geo_low: float = 0.999
+    geo_high: float = 1.001
+    k3_threshold: float = 0.01
+
+
+@dataclass
+class InjectMismatchConfig:
+    """``task.inject_mismatch``: an engine stand-in; seeded noise on the engine's router / output logits only."""
+
+    router_noise: float = 0.0  # std of Gaussian noise on each router logit (experts chosen from the noisy logits)
+    logit_noise: float = 0.0  # std of Gaussian noise on each output logit (sampling and reported logprobs)
+
+
+@dataclass
 class GRPOTaskConfig(OptimTaskConfig):
     """``task=grpo``: RL fine-tuning with group-relative advantages on the embedded rollout path."""
 
@@ -193,6 +216,12 @@ class GRPOTaskConfig(OptimTaskConfig):
     eval_every: int = 20  # held-out greedy accuracy every N RL steps (and before/after)
     rollouts_every: int = 10  # append a sample of prompts/responses/rewards to rollouts.jsonl every N steps
     checkpoint_every_n_steps: int = 50  # RL steps between checkpoints (last.ckpt)
+    # MoE RL against a rollout engine
+    routing_replay: str = "off"  # off | r3 (replay the rollout's experts) | r2 (replay the old-policy recompute's)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    inject_mismatch: InjectMismatchConfig = field(default_factory=InjectMismatchConfig)
+    rollouts_path: Optional[str] = None  # train on an external engine's rollouts (JSONL, mtrain.data.rollouts)
+    dump_rollouts: bool = False  # write every step's full batch to rollout_batches.jsonl (the same format)
 
 
 TASK_SCHEMAS: dict[str, type] = {

@@ -27,7 +27,11 @@ from torch.utils.data import DataLoader, IterableDataset
 from mtrain.lit.module import WarmupCosine, param_groups
 from mtrain.models import MoECausalLM
 from mtrain.models.generate import recompute
-from mtrain.rl.grpo import LossSettings, StepBatch, advantages_of, minibatch_loss, minibatches, mismatch_stats, old_policy
+from mtrain.data.rollouts import RolloutRow, generation_of, rollout_lines
+from mtrain.rl.grpo import (
+    LossSettings, MismatchSettings, StepBatch, advantages_of, correct, minibatch_loss, minibatches, mismatch_stats,
+    old_policy,
+)
 from mtrain.rl.rollout import RolloutEngine, SamplingConfig
 
 # (prompts, responses, examples) -> rewards; and the exact-match flags of the same responses
@@ -40,6 +44,7 @@ class GRPOSettings:
     group_size: int
     sampling: SamplingConfig
     loss: LossSettings
+    mismatch: MismatchSettings = MismatchSettings()
     ppo_epochs: int = 1
     num_minibatches: int = 1
     advantage: str = "grpo"
@@ -73,7 +78,7 @@ class GRPOModule(L.LightningModule):
     def __init__(
         self,
         model: MoECausalLM,
-        engine: RolloutEngine,
+        engine: Optional[RolloutEngine],
         prompts: list[list[int]],
         examples: list[dict],
         decode: Callable[[list[int]], str],
@@ -83,6 +88,9 @@ class GRPOModule(L.LightningModule):
         ref_model: Optional[MoECausalLM] = None,
         evaluate: Optional[Callable[[MoECausalLM], float]] = None,
         rollouts_file: Optional[Path] = None,
+        from_file: Optional[Sequence[RolloutRow]] = None,
+        dump_file: Optional[Path] = None,
+        pad_id: int = 0,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -91,6 +99,10 @@ class GRPOModule(L.LightningModule):
         self.s = settings
         self.evaluate = evaluate
         self.rollouts_file = rollouts_file
+        self.from_file, self.dump_file = from_file, dump_file  # rollouts read from / every batch written to a file
+        self.pad_id = engine.pad_id if engine is not None else pad_id
+        if engine is None and from_file is None:
+            raise ValueError("GRPOModule needs a rollout engine or rollouts read from a file")
         self.history: list[dict] = []  # one dict of metrics per RL step (this run's steps)
         self.evals: list[tuple[int, float]] = []  # (RL step, held-out accuracy)
         self.seconds = {"rollout": 0.0, "old_logprobs": 0.0, "update": 0.0, "eval": 0.0}
@@ -118,7 +130,8 @@ class GRPOModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.model.policy.check(self.model)
-        self.engine.sync(self.model)  # a resumed run's weights reach the engine before its first rollout
+        if self.engine is not None:
+            self.engine.sync(self.model)  # a resumed run's weights reach the engine before its first rollout
         if self.evaluate is not None and not self.evals:
             self._evaluate()
 
@@ -140,28 +153,50 @@ class GRPOModule(L.LightningModule):
             pos += take
         return out
 
-    def rollout(self, step: int) -> tuple[StepBatch, dict, list[dict]]:
-        """Sample, score and prepare the batch of RL step ``step`` (no parameter changes)."""
+    def sample(self, step: int) -> tuple:
+        """The rollout of RL step ``step``: (generation, examples, engine rewards or None, seconds). From the
+        engine, or the step's lines of a rollout file (``prompts_per_step x group_size`` lines a step)."""
         s, G = self.s, self.s.group_size
+        if self.from_file is not None:
+            n = s.prompts_per_step * G
+            rows = self.from_file[step * n : (step + 1) * n]
+            gen = generation_of(rows, s.sampling.max_new_tokens, self.pad_id, self.device)
+            rewards = [r.reward for r in rows]
+            return gen, [r.example for r in rows], None if None in rewards else rewards, 0.0
         rows = self.step_prompts(step)
         prompts = [self.prompts[i] for i in rows for _ in range(G)]
         examples = [self.examples[i] for i in rows for _ in range(G)]
         gen, rollout_s = self.engine.generate(prompts, s.sampling, seed=s.seed * 1_000_003 + step)
-        responses = [self.decode(gen.tokens[j, : int(gen.lengths[j])].tolist()) for j in range(len(prompts))]
-        rewards_list, exact = self.scorer([e["prompt"] for e in examples], responses, examples)
+        return gen, examples, None, rollout_s
+
+    def rollout(self, step: int) -> tuple[StepBatch, dict, list[dict]]:
+        """Sample, score and prepare the batch of RL step ``step`` (no parameter changes)."""
+        s, G = self.s, self.s.group_size
+        gen, examples, given, rollout_s = self.sample(step)
+        responses = [self.decode(gen.tokens[j, : int(gen.lengths[j])].tolist()) for j in range(len(examples))]
+        if given is None:
+            rewards_list, exact = self.scorer([e.get("prompt", "") for e in examples], responses, examples)
+        else:
+            rewards_list, exact = given, [None] * len(given)
         rewards = torch.tensor(rewards_list, dtype=torch.float32, device=gen.tokens.device)
         advantages, zero_std = advantages_of(rewards, G, s.advantage, s.norm_adv_by_std)
+        if self.dump_file is not None and self.trainer.is_global_zero:
+            with self.dump_file.open("a") as f:
+                for line in rollout_lines(gen, rewards_list, examples):
+                    f.write(json.dumps(line) + "\n")
 
         t0 = self._now()
         was_training = self.model.training
         self.model.eval()
-        old_lp, trainer_routing = old_policy(self.model, gen, self.engine.pad_id)
+        old = old_policy(self.model, gen, self.pad_id, s.mismatch)
         ref_lp = None
         if self.ref_model is not None:  # logprobs only: no routing trace, the fast projection
             with torch.no_grad():
-                ref_lp = recompute(self.ref_model, gen, self.engine.pad_id, rollout_shapes=False)
+                ref_lp = recompute(self.ref_model, gen, self.pad_id, rollout_shapes=False)
         self.model.train(was_training)
         old_s = self._now() - t0
+        batch = StepBatch(gen, rewards, advantages, old.logprobs, ref_lp, old.routing, old.replay)
+        corrections = {} if s.mismatch.bypass else correct(batch, s.mismatch.correction)
 
         lengths = gen.lengths.float()
         generated = int(gen.lengths.sum())
@@ -176,16 +211,16 @@ class GRPOModule(L.LightningModule):
             "rollout/tokens_per_s": generated / rollout_s if rollout_s > 0 else float("nan"),
             "time/rollout_s": rollout_s,
             "time/old_logprobs_s": old_s,
-            **mismatch_stats(gen, old_lp, trainer_routing),
+            **mismatch_stats(gen, old),
+            **corrections,
         }
         self.seconds["rollout"] += rollout_s
         self.seconds["old_logprobs"] += old_s
         samples = [
-            {"step": step, "prompt": examples[j]["prompt"], "response": responses[j], "reward": rewards_list[j],
+            {"step": step, "prompt": examples[j].get("prompt", ""), "response": responses[j], "reward": rewards_list[j],
              "advantage": round(advantages[j].item(), 4)}
-            for j in range(0, len(prompts), G)[: s.rollouts_keep]
+            for j in range(0, len(examples), G)[: s.rollouts_keep]
         ]
-        batch = StepBatch(gen, rewards, advantages, old_lp, ref_lp, trainer_routing)
         return batch, metrics, samples
 
     def training_step(self, _token, _idx) -> None:
@@ -201,7 +236,8 @@ class GRPOModule(L.LightningModule):
         gen = torch.Generator().manual_seed(s.seed * 7919 + step)
         for _ in range(s.ppo_epochs):
             for rows in minibatches(len(batch), s.num_minibatches, gen):
-                loss, stats = minibatch_loss(self.model, batch, rows.to(batch.rewards.device), s.loss, self.engine.pad_id)
+                loss, stats = minibatch_loss(self.model, batch, rows.to(batch.rewards.device), s.loss,
+                                             self.pad_id, s.mismatch.correction if s.mismatch.bypass else None)
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
                 max_norm = s.grad_clip if s.grad_clip else float("inf")
@@ -213,10 +249,11 @@ class GRPOModule(L.LightningModule):
         updates = s.updates_per_step
         update_s = self._now() - t0
         self.seconds["update"] += update_s
-        self.engine.sync(self.model)  # the weight hand-over
+        if self.engine is not None:
+            self.engine.sync(self.model)  # the weight hand-over
 
         width = batch.gen.width
-        metrics |= {f"train/{k}": v / updates for k, v in stats_sum.items()}
+        metrics |= {(k if k.startswith("correction/") else f"train/{k}"): v / updates for k, v in stats_sum.items()}
         metrics |= {
             "train/grad_norm": float(torch.stack(norms).float().mean()) if norms else 0.0,
             "lr": sched.get_last_lr()[0],

@@ -6,14 +6,16 @@ buffer, future slots masked (``decode="recompute"``): every step then computes i
 forward over the finished sequences, so row-invariant kernels give the trainer's numbers bit for bit. It costs a
 full forward per token; it is the alignment ``rl=on`` can buy beyond the fp32 gate.
 It returns the tokens, the logprob of each sampled token under the model's (temperature-1) distribution as computed
-while decoding, and the top-k experts every MoE layer chose at the position that produced each token.
+while decoding, the top-k experts every MoE layer chose at the position that produced each token, and those chosen at
+the prompt's positions (prefill): together the routing an engine reports for R3 replay
+(:meth:`Generation.replay_ids`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,12 +34,43 @@ class Generation:
     lengths: torch.Tensor  # [B] generated tokens per row, the stop token included
     prompts: list[list[int]]
     width: int  # prompt + generation buffer width the rollout computed in (the trainer recompute reuses it)
+    # [B, longest - 1, moe_layers, k] experts at the prompt positions before the last one (buffer layout: prompts
+    # left-padded to the longest; pad positions hold any valid ids). None: not recorded (no R3 replay possible).
+    prompt_routing: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor | list[int]) -> "Generation":
         """The rows ``rows`` (e.g. a mini-batch), in the same buffer width."""
         idx = torch.as_tensor(rows, device=self.tokens.device)
+        pr = self.prompt_routing[idx] if self.prompt_routing is not None else None
         return Generation(self.tokens[idx], self.logprobs[idx], self.routing[idx], self.lengths[idx],
-                          [self.prompts[int(i)] for i in idx], self.width)
+                          [self.prompts[int(i)] for i in idx], self.width, pr)
+
+    def to(self, device) -> "Generation":
+        pr = self.prompt_routing.to(device) if self.prompt_routing is not None else None
+        return Generation(self.tokens.to(device), self.logprobs.to(device), self.routing.to(device),
+                          self.lengths.to(device), self.prompts, self.width, pr)
+
+    @property
+    def first(self) -> int:
+        """Buffer index of the first generated token (= the longest prompt's length)."""
+        return max(len(p) for p in self.prompts)
+
+    def buffer_routing(self) -> torch.Tensor:
+        """The rollout's expert ids over the whole buffer ``[B, width, moe_layers, k]``: prompt positions, then the
+        positions that produced each generated token; positions the rollout never routed (the last token, padding
+        after it) hold -1: a replay lets the trainer's routers choose there (their outputs reach no logprob)."""
+        if self.prompt_routing is None:
+            raise ValueError("this rollout has no prompt routing; it cannot be replayed (R3)")
+        B, N, L, k = self.routing.shape
+        fill = self.routing.new_full((B, self.width - (self.first - 1) - N, L, k), -1)
+        return torch.cat([self.prompt_routing, self.routing, fill], dim=1)
+
+    def replay_ids(self, moe_layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """``{layer index: [B, width, k]}``: the rollout's routing as a :class:`RoutingTrace` replays it (R3)."""
+        full = self.buffer_routing()
+        if full.shape[2] != len(moe_layers):
+            raise ValueError(f"the rollout routed {full.shape[2]} MoE layers; the model has {len(moe_layers)}")
+        return {layer: full[:, :, i].long().contiguous() for i, layer in enumerate(moe_layers)}
 
     @property
     def mask(self) -> torch.Tensor:
@@ -77,15 +110,19 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = 0,
     decode: str = "kv",
+    logits_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Generation:
-    """Decode ``max_new_tokens`` (or until every row emitted one of ``eos_ids``) after each prompt."""
+    """Decode ``max_new_tokens`` (or until every row emitted one of ``eos_ids``) after each prompt.
+    ``logits_hook``: applied to each step's fp32 logits [B, V] before sampling and the reported logprob."""
     if decode not in ("kv", "recompute"):
         raise ValueError(f"decode={decode!r}: use 'kv' or 'recompute'")
     with eager():
-        return _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, decode)
+        return _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, decode,
+                         logits_hook)
 
 
-def _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, decode) -> Generation:
+def _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, decode,
+              logits_hook=None) -> Generation:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     device = model.output_weight.device
@@ -97,6 +134,7 @@ def _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_
     out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     out_routing: list[torch.Tensor] = []
+    prompt_routing = None
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cfg = model.config
@@ -119,12 +157,17 @@ def _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_
         trace = RoutingTrace()
         h = model.hidden_states(window, position_ids=positions, cache=cache, attn_mask=mask, trace=trace)
         logits = (h[:, last] @ model.output_weight.t()).float()
+        if logits_hook is not None:
+            logits = logits_hook(logits)
         token = _sample(logits, temperature, top_p, gen)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         out_tokens[:, step] = token
         out_logprobs[:, step] = torch.where(done, 0.0, gather_logprobs(logits, token))
-        if trace.ids:
-            out_routing.append(trace.stacked()[:, last])  # [B, layers, k]
+        if trace.ids:  # routing at real tokens only; -1 where a row holds padding (no engine routes those)
+            stacked = trace.stacked()
+            out_routing.append(stacked[:, last].masked_fill(done[:, None, None], -1))  # [B, layers, k]
+            if step == 0:  # the prefill: every prompt position (the same values later steps recompute)
+                prompt_routing = stacked[:, : longest - 1].masked_fill(~real[:, : longest - 1, None, None], -1)
         lengths += (~done).long()
         ids[:, end] = token
         real[:, end] = ~done
@@ -138,7 +181,8 @@ def _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_
         if out_routing
         else torch.zeros((B, n, 0, 0), dtype=torch.long, device=device)
     )
-    return Generation(out_tokens[:, :n], out_logprobs[:, :n], routing_t, lengths, [list(p) for p in prompts], total)
+    return Generation(out_tokens[:, :n], out_logprobs[:, :n], routing_t, lengths, [list(p) for p in prompts], total,
+                      prompt_routing)
 
 
 def left_padded(prompts: Sequence[Sequence[int]], total: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

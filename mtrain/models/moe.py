@@ -58,9 +58,12 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None):
         """x [T, hidden] -> (weights fp32 [T, k], expert indices int64 [T, k], fp32 logits [T, E]).
 
-        ``idx`` (replay): use these experts instead of choosing; the weights still come from the live scores."""
+        ``idx`` (replay): use these experts instead of choosing (a token whose ids are -1 chooses its own); the
+        weights still come from the live scores."""
         with torch.autocast(x.device.type, enabled=False):
             logits = self.logits(x).float()
+            if idx is not None:
+                idx = torch.where(idx >= 0, idx, self.route(logits)[1])
             weights, idx = self.route(logits, idx)
             return weights, idx, logits
 
@@ -171,7 +174,8 @@ class MoE(nn.Module):
         forced = trace.forced(self.layer_idx, shape[:-1]) if trace is not None else None
         weights, idx, logits = self.gate(x, forced)  # [T, k], [T, k], [T, E]
         if trace is not None:
-            trace.record(self.layer_idx, idx, logits, shape[:-1])
+            own = self.gate.route(logits.detach())[1] if forced is not None else None
+            trace.record(self.layer_idx, idx, logits, shape[:-1], own)
         T, k = idx.shape
         flat = idx.view(-1)
         order = flat.argsort(stable=True)  # position in the sorted buffer -> (token, slot) pair

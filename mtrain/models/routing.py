@@ -2,10 +2,14 @@
 
 * ``record``: every MoE layer stores its top-k expert ids ``[B, S, k]`` (and, with ``logits=True``, its router
   logits ``[B, S, E]`` in fp32) under its layer index.
-* ``replay``: every MoE layer uses the given expert ids instead of choosing its own; the routing *weights* are
+* ``replay``: every MoE layer uses the given expert ids instead of choosing its own (a token whose ids are -1, e.g.
+  a position the rollout never routed, chooses its own); the routing *weights* are
   recomputed from the live router scores at those ids (softmax/sigmoid of the full logits, gathered, normalised as
   the family does), so the router keeps its gradient. This is R3 (replay the rollout engine's choice) and R2
   (replay the trainer's own choice across several updates).
+
+A replay trace also records, per layer, the experts the router would have chosen on its own (``own``): the
+disagreement an R3 replay hides, measured at no extra forward.
 
 Entries are keyed by layer index and written by assignment, so the recompute of an activation-checkpointed layer
 records the same values again and replays the same ids (the trace is an argument of the checkpointed call).
@@ -30,6 +34,7 @@ class RoutingTrace:
         self.ids: Dict[int, torch.Tensor] = dict(ids or {})
         self.record_logits = logits
         self.logits: Dict[int, torch.Tensor] = {}
+        self.own: Dict[int, torch.Tensor] = {}  # replay: the router's own top-k per layer
 
     @classmethod
     def replay(cls, ids: Dict[int, torch.Tensor] | "RoutingTrace") -> "RoutingTrace":
@@ -47,19 +52,25 @@ class RoutingTrace:
         if tuple(ids.shape[:-1]) != tuple(tokens_shape):
             raise ValueError(f"routing replay ids of layer {layer} have shape {tuple(ids.shape)}, "
                              f"the forward has tokens {tuple(tokens_shape)}")
-        return ids.reshape(-1, ids.shape[-1])
+        return ids.reshape(-1, ids.shape[-1]).contiguous()
 
-    def record(self, layer: int, idx: torch.Tensor, logits: Optional[torch.Tensor], tokens_shape: torch.Size) -> None:
+    def record(self, layer: int, idx: torch.Tensor, logits: Optional[torch.Tensor], tokens_shape: torch.Size,
+               own: Optional[torch.Tensor] = None) -> None:
+        """Store layer ``layer``'s experts (record) or, replaying, the experts it would have chosen (``own``)."""
         if self.mode == "record":
             self.ids[layer] = idx.detach().view(*tokens_shape, -1)
             if self.record_logits and logits is not None:
                 self.logits[layer] = logits.detach().float().view(*tokens_shape, -1)
+        elif own is not None:
+            self.own[layer] = own.detach().view(*tokens_shape, -1)
 
     # -- reading ---------------------------------------------------------------------------------------------------
     @property
     def layers(self) -> list[int]:
         return sorted(self.ids)
 
-    def stacked(self) -> torch.Tensor:
-        """Expert ids of every recorded layer stacked on dim 2: ``[B, S, moe_layers, k]`` (layer order)."""
-        return torch.stack([self.ids[i] for i in self.layers], dim=2)
+    def stacked(self, own: bool = False) -> torch.Tensor:
+        """Expert ids of every layer stacked on dim 2: ``[B, S, moe_layers, k]`` (layer order): those the forward
+        used, or (``own``, replay only) those the routers would have chosen."""
+        src = self.own if own else self.ids
+        return torch.stack([src[i] for i in self.layers], dim=2)

@@ -19,16 +19,18 @@ from mtrain.models.transformer import MoECausalLM
 
 
 @torch.no_grad()
-def trainer_recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def trainer_recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0,
+                      trace: RoutingTrace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's numbers for a rollout: the logprob [B, N] of every generated token (one full forward in the
-    rollout's layout) and the routing [B, N, moe_layers, k] at the position that produced each token."""
-    trace = RoutingTrace()
+    rollout's layout) and the routing [B, N, moe_layers, k] at the position that produced each token: the experts
+    the routers chose (under a replay ``trace``: the experts they *would* have chosen, ``trace.own``)."""
+    trace = trace if trace is not None else RoutingTrace()
     with eager():
         logprobs = recompute(model, gen, pad_id, trace=trace)
-    first = max(len(p) for p in gen.prompts)  # the first generated slot
-    N = gen.tokens.shape[1]
-    routing = trace.stacked()[:, first - 1 : first - 1 + N] if trace.ids else gen.routing.new_zeros(*logprobs.shape, 0, 0)
-    return logprobs, routing
+    if not trace.ids:
+        return logprobs, gen.routing.new_zeros(*logprobs.shape, 0, 0)
+    producing = slice(gen.first - 1, gen.first - 1 + gen.tokens.shape[1])
+    return logprobs, trace.stacked(own=trace.mode == "replay")[:, producing]
 
 
 def mismatch_metrics(

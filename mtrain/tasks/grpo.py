@@ -17,16 +17,18 @@ import hydra
 from omegaconf import OmegaConf
 
 from mtrain.config import ConfigError
+from mtrain.data.errors import DataError
 from mtrain.data.prompts import read_prompt_jsonl
+from mtrain.data.rollouts import ModelShape, RolloutRow, check_groups, read_rollout_file
 from mtrain.data.rewards import exact_match, resolve_reward, score
 from mtrain.job import Job, Setup, export_hf, finish, greedy_accuracy, start_job
 from mtrain.lit import MoELitModule, build_trainer
 from mtrain.lit.grpo import GRPOModule, GRPOSettings
 from mtrain.models import MoECausalLM
 from mtrain.plots import figure
-from mtrain.rl import ADVANTAGE_MODES, KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_KINDS
-from mtrain.rl.grpo import LossSettings
-from mtrain.rl.rollout import RolloutEngine, SamplingConfig
+from mtrain.rl import ADVANTAGE_MODES, KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_KINDS, CorrectionConfig
+from mtrain.rl.grpo import REPLAY_MODES, LossSettings, MismatchSettings
+from mtrain.rl.rollout import MismatchInjection, RolloutEngine, SamplingConfig
 
 log = logging.getLogger("mtrain")
 DECODES = ("auto", "kv", "recompute")
@@ -36,7 +38,7 @@ def check_config(job: Job) -> None:
     """Refuse settings that cannot work, before anything is built or written."""
     t, cfg = job.cfg.task, job.cfg
     choices = {"advantage": ADVANTAGE_MODES, "loss": POLICY_LOSS_KINDS, "loss_agg": LOSS_AGG_MODES,
-               "kl_estimator": KL_KINDS, "rollout_decode": DECODES}
+               "kl_estimator": KL_KINDS, "rollout_decode": DECODES, "routing_replay": REPLAY_MODES}
     for key, allowed in choices.items():
         if t[key] not in allowed:
             raise ConfigError(f"task.{key}={t[key]!r} is not one of {', '.join(allowed)}")
@@ -56,6 +58,50 @@ def check_config(job: Job) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1 (the number of RL steps)")
     if str(cfg.trainer.strategy) == "fsdp2":
         raise ConfigError("task=grpo does not run under trainer=fsdp yet; use trainer=gpu or trainer=cpu")
+    mismatch_settings(t)
+    inj = injection(t, cfg.seed)
+    if t.rollouts_path and inj is not None:
+        raise ConfigError("task.inject_mismatch perturbs the embedded rollout engine; with task.rollouts_path the "
+                          "rollouts come from a file. Drop one of them")
+
+
+def mismatch_settings(t) -> MismatchSettings:
+    """``task.routing_replay`` and ``task.rollout_correction`` as typed settings (ConfigError naming the bad key)."""
+    c = OmegaConf.to_container(t.rollout_correction, resolve=True)
+    old = c.pop("old_logprobs")
+    try:
+        return MismatchSettings(t.routing_replay, old, CorrectionConfig(**c))
+    except ValueError as e:
+        raise ConfigError(f"task.rollout_correction / task.routing_replay: {e}") from None
+
+
+def injection(t, seed: int) -> MismatchInjection | None:
+    try:
+        inj = MismatchInjection(t.inject_mismatch.router_noise, t.inject_mismatch.logit_noise, seed)
+    except ValueError as e:
+        raise ConfigError(f"task.{e}") from None
+    return inj if inj.active else None
+
+
+def file_rollouts(job: Job, model: MoECausalLM) -> list[RolloutRow]:
+    """``task.rollouts_path``, checked against the model, the group size, the replay mode and the step count."""
+    t, cfg = job.cfg.task, job.cfg
+    c = model.config
+    moe = tuple(model.moe_layers)
+    k = c.num_experts_per_tok
+    experts = model.model.layers[moe[0]].mlp.gate.num_experts if moe else 0
+    rows = read_rollout_file(t.rollouts_path, ModelShape(c.vocab_size, c.num_hidden_layers, moe, k, experts))
+    check_groups(rows, t.group_size)
+    if t.routing_replay == "r3" and any(r.routed is None for r in rows):
+        where = next(r.where for r in rows if r.routed is None)
+        raise DataError(f"{where}: no \"routed_experts\", which task.routing_replay=r3 replays. Fix: export the "
+                        "engine's routed experts, or use routing_replay=off|r2")
+    per_step = t.prompts_per_step * t.group_size
+    if cfg.trainer.max_steps * per_step > len(rows):
+        raise ConfigError(f"task.rollouts_path holds {len(rows)} responses = {len(rows) // per_step} steps of "
+                          f"{t.prompts_per_step} prompts x {t.group_size}; trainer.max_steps={cfg.trainer.max_steps} "
+                          f"asks for more. Lower trainer.max_steps (or task.prompts_per_step)")
+    return rows
 
 
 def reward_function(task) -> Callable:
@@ -124,6 +170,10 @@ def run(job: Job) -> dict[str, Any]:
                               f"max_new_tokens={max_new} it exceeds the model's context of {limit}; shorten it or "
                               "lower task.max_new_tokens")
 
+    from_file = file_rollouts(job, model) if t.rollouts_path else None
+    if from_file is not None:
+        max_new = max(max_new, max(len(r.response_ids) for r in from_file))
+
     metrics: dict[str, Any] = {"task": "grpo", "model": cfg.model.name, "checkpoint": cfg.model.checkpoint,
                                "dtype": cfg.model.dtype, "moe_gate_fp32": plan.moe_gate_fp32,
                                "resumed_from": t.ckpt_path, "prompts": len(train_prompts),
@@ -136,8 +186,9 @@ def run(job: Job) -> dict[str, Any]:
         model.compile_layers()
 
     decode = t.rollout_decode if t.rollout_decode != "auto" else ("recompute" if plan.rl else "kv")
-    engine = RolloutEngine.like(model, plan.policy, t.rollout_dtype, decode,
-                                eos_ids=[dm.eos_id] if dm.eos_id is not None else [], pad_id=dm.pad_id)
+    engine = None if from_file is not None else RolloutEngine.like(
+        model, plan.policy, t.rollout_dtype, decode, eos_ids=[dm.eos_id] if dm.eos_id is not None else [],
+        pad_id=dm.pad_id, inject=injection(t, cfg.seed))
     ref = None
     if t.kl_coef > 0:
         ref = RolloutEngine.like(model, plan.policy, None, "kv").model  # a frozen copy of the policy at RL start
@@ -152,6 +203,7 @@ def run(job: Job) -> dict[str, Any]:
         prompts_per_step=t.prompts_per_step, group_size=t.group_size,
         sampling=SamplingConfig(max_new, t.temperature, t.top_p),
         loss=LossSettings(t.loss, t.clip_low, t.clip_high, t.dual_clip, t.loss_agg, max_new, t.kl_coef, t.kl_estimator),
+        mismatch=mismatch_settings(t),
         ppo_epochs=t.ppo_epochs, num_minibatches=t.num_minibatches, advantage=t.advantage,
         norm_adv_by_std=t.norm_adv_by_std, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
         weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps, grad_clip=cfg.trainer.gradient_clip_val,
@@ -159,7 +211,8 @@ def run(job: Job) -> dict[str, Any]:
     )
     rollouts_file = out / "rollouts.jsonl"
     lit = GRPOModule(model, engine, encoded, train_prompts, dm.decode, make_scorer(reward_fn), settings, ref_model=ref,
-                     evaluate=evaluate if val else None, rollouts_file=rollouts_file)
+                     evaluate=evaluate if val else None, rollouts_file=rollouts_file, from_file=from_file,
+                     dump_file=out / "rollout_batches.jsonl" if t.dump_rollouts else None, pad_id=dm.pad_id)
     updates = settings.updates_per_step
     trainer = build_trainer(
         cfg, out, has_val=False, checkpoint_every=t.checkpoint_every_n_steps * updates, multirun=job.multirun,
@@ -174,6 +227,7 @@ def run(job: Job) -> dict[str, Any]:
     metrics |= summarize(lit, trainer.global_step // updates)
     metrics["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     files = {"run_dir": str(out), "metrics": str(out / "metrics.json"), "rollouts": str(rollouts_file),
+             **({"rollout_batches": str(out / "rollout_batches.jsonl")} if t.dump_rollouts else {}),
              "csv_log": str(Path(trainer.loggers[0].log_dir) / "metrics.csv"), "checkpoints": str(out / "checkpoints")}
     files |= plot_curves(lit, out, f"grpo {cfg.model.name}, rl={'on' if plan.rl else 'off'}, decode={decode}")
     if t.export and trainer.is_global_zero:
@@ -198,12 +252,15 @@ def summarize(lit: GRPOModule, steps: int) -> dict[str, Any]:
                 out[key.replace("/", "_")] = last[key]
         tail = h[-10:]
         out["reward_mean_last10"] = sum(r["reward/mean"] for r in tail) / len(tail)
-        for key in ("mismatch/k3", "mismatch/routing_disagreement", "mismatch/logprob_abs_diff_mean"):
-            values = [r[key] for r in h]
-            out[key.replace("/", "_") + "_mean"] = sum(values) / len(values)
+        for key in ("mismatch/k3", "mismatch/routing_disagreement", "mismatch/routing_disagreement_own",
+                    "mismatch/logprob_abs_diff_mean", "correction/ess", "correction/frac_masked",
+                    "correction/frac_truncated", "correction/is_weight_mean"):
+            values = [r[key] for r in h if key in r]
+            if values:
+                out[key.replace("/", "_") + "_mean"] = sum(values) / len(values)
         out["mismatch_logprob_abs_diff_max"] = max(r["mismatch/logprob_abs_diff_max"] for r in h)
         out["mismatch_routing_disagreement_max"] = max(r["mismatch/routing_disagreement"] for r in h)
-    out["engine_syncs"] = lit.engine.syncs
+    out["engine_syncs"] = lit.engine.syncs if lit.engine is not None else 0
     return out
 
 
