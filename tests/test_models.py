@@ -217,6 +217,22 @@ def test_gate_dtype_follows_policy_and_is_recorded(family, gate_fp32, tmp_path, 
         from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(not gate_fp32), gate_mismatch="error")
 
 
+def test_published_bf16_gate_is_upcast_quietly_and_a_downcast_export_is_flagged(tmp_path, caplog):
+    """A published checkpoint (no mtrain record, gate stored bf16) loaded with rl=on: the upcast is what the engine
+    does under FD_ENABLE_RL=1, so an info line and no warning, even with gate_mismatch="error". A checkpoint whose
+    record says fp32 gate but stores it in bf16 (a downcast on export) is flagged."""
+    model = build_model(Qwen3MoeConfig(), dtype="bfloat16", policy=PrecisionPolicy(False))
+    save_pretrained(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "mtrain_precision.json").unlink()  # as published
+    with caplog.at_level(logging.INFO, logger="mtrain"):
+        loaded = from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(True), gate_mismatch="error")
+    assert loaded.gate_dtype() == torch.float32
+    assert "upcast to float32" in caplog.text and "gate precision mismatch" not in caplog.text
+    (tmp_path / "ckpt" / "mtrain_precision.json").write_text(json.dumps({"moe_gate_fp32": True}))
+    with pytest.raises(CheckpointError, match="the export downcast the gate"):
+        from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(True), gate_mismatch="error")
+
+
 @pytest.fixture
 def good_ckpt(tmp_path):
     model = build_model(Qwen3MoeConfig(), seed=0)
