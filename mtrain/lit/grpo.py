@@ -8,8 +8,12 @@ order) is a function of that number, so a resumed run continues exactly where it
 
 Logged every RL step (CSV/TensorBoard, ``step`` = RL step): reward mean/std, accuracy, fraction of zero-std groups,
 response length mean/max, entropy, clip fraction, approx KL to the old policy, grad norm, learning rate, rollout and
-train tokens/s, seconds of each phase, and the train/rollout mismatch of the batch (|dlogp| mean/max, k3, routing
-disagreement).
+train tokens/s, seconds of each phase, the train/rollout mismatch of the batch (|dlogp| mean/max, k3, routing
+disagreement of the trained tokens and of the routers' own choice) and the correction's stats (IS weights, masked and
+truncated fractions, ESS).
+
+The rollouts come from the embedded engine or, with ``from_file``, from an external engine's rollout file
+(``prompts_per_step x group_size`` lines a step; no engine is built, no hand-over happens).
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from mtrain.data.rollouts import RolloutRow, generation_of, rollout_lines
 from mtrain.lit.module import WarmupCosine, param_groups
 from mtrain.models import MoECausalLM
 from mtrain.models.generate import recompute
-from mtrain.data.rollouts import RolloutRow, generation_of, rollout_lines
 from mtrain.rl.grpo import (
     LossSettings, MismatchSettings, StepBatch, advantages_of, correct, minibatch_loss, minibatches, mismatch_stats,
     old_policy,
