@@ -199,7 +199,7 @@ class GRPOModule(L.LightningModule):
                 ref_lp = recompute(self.ref_model, gen, self.pad_id, rollout_shapes=False)
         self.model.train(was_training)
         old_s = self._now() - t0
-        batch = StepBatch(gen, rewards, advantages, old.logprobs, ref_lp, old.routing, old.replay)
+        batch = StepBatch(gen, rewards, advantages, old.logprobs, ref_lp, replay=old.replay)
         corrections = {} if s.mismatch.bypass else correct(batch, s.mismatch.correction)
 
         lengths = gen.lengths.float()

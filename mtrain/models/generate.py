@@ -30,12 +30,13 @@ from .transformer import MoECausalLM
 class Generation:
     tokens: torch.Tensor  # [B, N] generated ids (pad_id after a row finished)
     logprobs: torch.Tensor  # [B, N] fp32 logprob of each generated token while decoding (0 after finishing)
-    routing: torch.Tensor  # [B, N, moe_layers, k] experts chosen at the position that produced each token
+    routing: torch.Tensor  # [B, N, moe_layers, k] experts chosen at the position that produced each token (-1 after
+    # a row's end)
     lengths: torch.Tensor  # [B] generated tokens per row, the stop token included
     prompts: list[list[int]]
     width: int  # prompt + generation buffer width the rollout computed in (the trainer recompute reuses it)
     # [B, longest - 1, moe_layers, k] experts at the prompt positions before the last one (buffer layout: prompts
-    # left-padded to the longest; pad positions hold any valid ids). None: not recorded (no R3 replay possible).
+    # left-padded to the longest; -1 at padding). None: not recorded (no R3 replay possible).
     prompt_routing: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor | list[int]) -> "Generation":

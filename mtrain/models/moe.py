@@ -56,16 +56,19 @@ class Router(nn.Module):
         return F.linear(x, self.weight.to(x.dtype))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None):
-        """x [T, hidden] -> (weights fp32 [T, k], expert indices int64 [T, k], fp32 logits [T, E]).
+        """x [T, hidden] -> (weights fp32 [T, k], expert indices int64 [T, k], fp32 logits [T, E], own).
 
         ``idx`` (replay): use these experts instead of choosing (a token whose ids are -1 chooses its own); the
-        weights still come from the live scores."""
+        weights still come from the live scores. ``own``: the experts the router would have chosen (replay only,
+        else None)."""
         with torch.autocast(x.device.type, enabled=False):
             logits = self.logits(x).float()
+            own = None
             if idx is not None:
-                idx = torch.where(idx >= 0, idx, self.route(logits)[1])
+                own = self.route(logits.detach())[1]
+                idx = torch.where(idx >= 0, idx, own)
             weights, idx = self.route(logits, idx)
-            return weights, idx, logits
+            return weights, idx, logits, own
 
     def route(self, logits: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 logits [T, E] -> (weights [T, k], experts [T, k]); with ``idx`` given, only the weights."""
@@ -172,9 +175,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         forced = trace.forced(self.layer_idx, shape[:-1]) if trace is not None else None
-        weights, idx, logits = self.gate(x, forced)  # [T, k], [T, k], [T, E]
+        weights, idx, logits, own = self.gate(x, forced)  # [T, k], [T, k], [T, E], [T, k] or None
         if trace is not None:
-            own = self.gate.route(logits.detach())[1] if forced is not None else None
             trace.record(self.layer_idx, idx, logits, shape[:-1], own)
         T, k = idx.shape
         flat = idx.view(-1)

@@ -25,7 +25,7 @@ from mtrain.models.routing import RoutingTrace
 from .advantages import frac_zero_std, group_advantages
 from .corrections import CorrectionConfig, rollout_correction
 from .losses import aggregate, kl_penalty, policy_loss
-from .mismatch import mismatch_metrics, trainer_recompute
+from .mismatch import mismatch_metrics, routing_disagreement, trainer_recompute
 
 REPLAY_MODES = ("off", "r3", "r2")
 OLD_LOGPROBS = ("decoupled", "bypass")
@@ -77,7 +77,6 @@ class StepBatch:
     advantages: torch.Tensor  # [B]
     old_logprobs: torch.Tensor  # [B, N] the old policy (trainer recompute, or the engine's logprobs in bypass)
     ref_logprobs: Optional[torch.Tensor] = None  # [B, N] frozen reference (kl_coef > 0)
-    trainer_routing: Optional[torch.Tensor] = None  # [B, N, moe_layers, k] the trainer routers' own choice
     replay: Optional[dict[int, torch.Tensor]] = None  # {layer: [B, width, k]} the ids every update replays
     loss_mask: Optional[torch.Tensor] = None  # [B, N] the tokens that count after the correction (None: all)
     is_weights: Optional[torch.Tensor] = None  # [B, N] detached IS weight of each token (None: 1)
@@ -175,11 +174,10 @@ def mismatch_stats(gen: Generation, old: OldPolicy) -> dict:
                 "routing_disagreement_own")
         return {f"mismatch/{k}": float("nan") for k in keys}
     m, _ = mismatch_metrics(gen.logprobs, old.logprobs, gen.routing, old.used_routing, gen.lengths, rows=False)
-    own, _ = mismatch_metrics(gen.logprobs, old.logprobs, gen.routing, old.routing, gen.lengths, rows=False)
     return {
         "mismatch/logprob_abs_diff_mean": m["logprob_abs_diff_mean"],
         "mismatch/logprob_abs_diff_max": m["logprob_abs_diff_max"],
         "mismatch/k3": m["kl_k3"],
         "mismatch/routing_disagreement": m["routing_disagreement"],
-        "mismatch/routing_disagreement_own": own["routing_disagreement"],
+        "mismatch/routing_disagreement_own": routing_disagreement(gen.routing, old.routing, gen.lengths),
     }

@@ -33,6 +33,19 @@ def trainer_recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0,
     return logprobs, trace.stacked(own=trace.mode == "replay")[:, producing]
 
 
+def layers_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Routing [B, N, L, k] x2 -> [B, N, L] bool: the two chose a different set of experts in that layer."""
+    return (a.sort(-1).values != b.sort(-1).values).any(-1)
+
+
+def routing_disagreement(a: torch.Tensor, b: torch.Tensor, lengths: torch.Tensor) -> float:
+    """The share of (generated token, MoE layer) pairs whose expert sets differ (0 without MoE layers)."""
+    if a.shape[-2] == 0:
+        return 0.0
+    valid = torch.arange(a.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+    return layers_differ(a, b)[valid].double().mean().item()
+
+
 def mismatch_metrics(
     rollout_lp: torch.Tensor,
     trainer_lp: torch.Tensor,
@@ -48,7 +61,7 @@ def mismatch_metrics(
     r, t = rollout_lp[valid].double(), trainer_lp[valid].double()
     p_r, p_t = r.exp(), t.exp()
     log_ratio = t - r  # log(trainer / rollout), tokens sampled from the rollout policy
-    differs = (rollout_routing.sort(-1).values != trainer_routing.sort(-1).values).any(-1)  # [B, N, L]
+    differs = layers_differ(rollout_routing, trainer_routing)  # [B, N, L]
     layers = differs.shape[-1]
     per_layer = differs[valid].double().mean(0) if layers else torch.zeros(0, dtype=torch.float64)
     n = int(valid.sum())

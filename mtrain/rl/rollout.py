@@ -81,8 +81,8 @@ class RolloutEngine:
     def _noisy_router(self, gate, args, out):
         """Forward hook of each engine router: choose and weight the experts from noisy logits."""
         logits = out[2] + self.inject.router_noise * self._randn(out[2])
-        weights, idx = gate.route(logits, args[1] if len(args) > 1 else None)
-        return weights, idx, logits
+        weights, idx = gate.route(logits)
+        return weights, idx, logits, None
 
     def _noisy_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits + self.inject.logit_noise * self._randn(logits)
