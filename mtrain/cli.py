@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import hydra
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from hydra.core.hydra_config import HydraConfig
@@ -99,6 +100,9 @@ def run_job(cfg: DictConfig) -> dict:
 def _hydra_main(cfg: DictConfig) -> Optional[dict]:
     try:
         return run_job(cfg)
+    except SIGTERMException as e:  # preemption: the trainer wrote last.ckpt at the current step (LastCheckpoint)
+        interrupted(e)
+        sys.exit(143)  # 128 + SIGTERM: what a scheduler expects of a job that was told to stop
     except Exception as e:
         if not user_error(e):
             raise
@@ -110,6 +114,16 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict]:
                 raise
             raise ConfigError(str(e)) from e
         sys.exit(2)
+
+
+def interrupted(e: SIGTERMException) -> None:
+    """Record a SIGTERM'd job: ``status.json`` says ``interrupted`` with the step and the checkpoint to resume."""
+    step, ckpt = getattr(e, "mtrain_step", None), getattr(e, "mtrain_checkpoint", None)
+    status = {"status": "interrupted", "signal": "SIGTERM", "step": step, "checkpoint": ckpt,
+              "error": f"interrupted by SIGTERM at step {step}"}
+    (job_dir() / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+    resume = f"; resume with task.ckpt_path={ckpt}" if ckpt else ""
+    _error(f"interrupted by SIGTERM at step {step}" + (f", checkpoint {ckpt}" if ckpt else "") + resume)
 
 
 def main() -> None:

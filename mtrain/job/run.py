@@ -11,11 +11,12 @@ from omegaconf import DictConfig
 
 from mtrain.config import ConfigError, PrecisionPlan, prepare_run
 from mtrain.data.errors import DataError
+from mtrain.lit.callbacks import TrainingDiverged
 from mtrain.models.checkpoint import CheckpointError
 from mtrain.parallel.errors import ParallelError
 
 # Errors in what the user asked for (config, data, checkpoint, launch): reported as one line, never a traceback.
-UserError = (ConfigError, CheckpointError, DataError, ParallelError)
+UserError = (ConfigError, CheckpointError, DataError, ParallelError, TrainingDiverged)
 
 
 def user_error(e: BaseException) -> bool:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mtrain.plots import figure, smooth
 
@@ -71,36 +75,109 @@ def make_loggers(run_dir: Path) -> list[Logger]:
     return loggers
 
 
-class SaveLastOnTrainEnd(Callback):
-    """``ModelCheckpoint`` writes ``last.ckpt`` after validations only (with ``check_val_every_n_epoch=null``), so the
-    steps after the last validation would be lost: at the end of fit, write ``last.ckpt`` at the final step."""
+class TrainingDiverged(ValueError):
+    """The loss (or the weights) became non-finite: the job stops, nothing non-finite is checkpointed or exported."""
+
+
+def _finite(x) -> bool:
+    return bool(torch.isfinite(torch.as_tensor(x)).all())
+
+
+class LastCheckpoint(Callback):
+    """``<run dir>/checkpoints/last.ckpt`` at the latest step, independent of validation: every ``every_n_steps``
+    optimizer steps, at the end of fit, and when the job is told to stop (SIGTERM, what SLURM and Kubernetes send on
+    preemption). Each write is atomic (a temporary file renamed over the old one: a killed write never leaves a
+    partial ``last.ckpt``), and refused if the weights are not finite (:class:`TrainingDiverged`).
+
+    On SIGTERM Lightning stops the fit by raising ``SIGTERMException`` (a ``SystemExit``); after the checkpoint is
+    written the exception carries ``mtrain_step`` and ``mtrain_checkpoint`` so the CLI can record the interruption
+    and exit 143."""
+
+    NAME = "last.ckpt"
+
+    def __init__(self, dirpath: Path, every_n_steps: Optional[int] = None):
+        self.dir, self.every = Path(dirpath), every_n_steps
+        self.saved_step = -1
+
+    @property
+    def path(self) -> Path:
+        return self.dir / self.NAME
+
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        if trainer.global_step == self.saved_step and self.path.exists():
+            return self.path
+        if not all(_finite(p.detach()) for p in pl_module.parameters()):
+            raise TrainingDiverged(f"the weights hold non-finite values at step {trainer.global_step}; not "
+                                   f"checkpointed (the last good checkpoint, if any, stays in {self.dir}). Fix: lower "
+                                   "task.lr or set trainer.gradient_clip_val")
+        tmp = self.dir / f".{self.NAME}.tmp"
+        trainer.save_checkpoint(str(tmp), weights_only=False)  # + optimizer state; collective under FSDP, then a barrier
+        if trainer.is_global_zero:
+            old = self.dir / f".{self.NAME}.old"
+            if tmp.is_dir():  # a distributed checkpoint is a folder: swap it in, then drop the old one
+                shutil.rmtree(old, ignore_errors=True)
+                if self.path.exists():
+                    os.replace(self.path, old)
+                os.replace(tmp, self.path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, self.path)
+        trainer.strategy.barrier("mtrain.last_checkpoint")
+        self.saved_step = trainer.global_step
+        return self.path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:
+            self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        cb = trainer.checkpoint_callback
-        if not isinstance(cb, ModelCheckpoint) or not cb.save_last or cb.dirpath is None:
+        self.save(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            exception.mtrain_checkpoint = str(self.save(trainer, pl_module))
+            exception.mtrain_step = trainer.global_step
+
+
+class FiniteGuard(Callback):
+    """Stop with :class:`TrainingDiverged` when the training loss (checked every ``every`` steps: one host sync per
+    check) or a validation loss is not finite."""
+
+    def __init__(self, every: int = 1):
+        self.every = max(1, every)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None and trainer.global_step % self.every == 0 and not _finite(loss.detach()):
+            raise TrainingDiverged(f"the training loss is {float(loss):g} at step {trainer.global_step}; stopped, "
+                                   "nothing non-finite is checkpointed or exported. Fix: lower task.lr or set "
+                                   "trainer.gradient_clip_val")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        v = trainer.callback_metrics.get("val/loss")
+        if v is None or trainer.sanity_checking or _finite(v):
             return
-        if getattr(cb, "_last_global_step_saved", None) == trainer.global_step and cb.last_model_path:
-            return
-        path = str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
-        trainer.save_checkpoint(path)
-        cb.last_model_path = path
+        if trainer.state.fn == "validate":  # a stand-alone evaluation: the weights came in this way
+            raise TrainingDiverged(f"the validation loss is {float(v):g}: the model's weights are not finite (or "
+                                   "overflow in this dtype). Fix: evaluate a finite checkpoint (model.checkpoint=...) "
+                                   "or use model.dtype=float32")
+        raise TrainingDiverged(f"the validation loss is {float(v):g} at step {trainer.global_step}; stopped, "
+                               "nothing non-finite is checkpointed or exported. Fix: lower task.lr or set "
+                               "trainer.gradient_clip_val")
 
 
 def make_checkpoint(
     run_dir: Path, has_val: bool, save_top_k: int = 1, every_n_train_steps: Optional[int] = None
-) -> ModelCheckpoint:
-    """``<run dir>/checkpoints/last.ckpt`` always (also every ``every_n_train_steps`` optimizer steps when given);
-    plus the ``save_top_k`` best by ``val/loss`` when there is val data."""
-    return ModelCheckpoint(
-        every_n_train_steps=every_n_train_steps,
-        dirpath=str(run_dir / "checkpoints"),
-        filename="best-step{step:06d}-val{val/loss:.4f}" if has_val else "step{step:06d}",
-        auto_insert_metric_name=False,
-        monitor="val/loss" if has_val else None,
-        mode="min",
-        save_top_k=save_top_k if has_val else 0,
-        save_last=True,
-    )
+) -> list[Callback]:
+    """``<run dir>/checkpoints/last.ckpt`` at the latest step (:class:`LastCheckpoint`: every ``every_n_train_steps``
+    optimizer steps, at the end, on SIGTERM); plus the ``save_top_k`` best by ``val/loss`` when there is val data."""
+    out: list[Callback] = [LastCheckpoint(run_dir / "checkpoints", every_n_train_steps)]
+    if has_val and save_top_k:
+        out.append(ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"), filename="best-step{step:06d}-val{val/loss:.4f}",
+            auto_insert_metric_name=False, monitor="val/loss", mode="min", save_top_k=save_top_k, save_last=False,
+        ))
+    return out
 
 
 class StepProgressBar(ProgressBar):

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtrain.lit.callbacks import SaveLastOnTrainEnd, StepProgressBar, make_checkpoint, make_loggers
+from mtrain.lit.callbacks import FiniteGuard, StepProgressBar, make_checkpoint, make_loggers
 from mtrain.parallel.lightning import trainer_kwargs
 
 log = logging.getLogger("mtrain")
@@ -69,8 +69,9 @@ def build_trainer(
     cbs = list(callbacks)
     if kw.get("enable_progress_bar", True):
         cbs.append(StepProgressBar())
+    cbs.append(FiniteGuard(every=int(kw.get("log_every_n_steps") or 1)))  # before the checkpoints see the step
     if checkpoint:
-        cbs += [make_checkpoint(run_dir, has_val, save_top_k, checkpoint_every), SaveLastOnTrainEnd()]
+        cbs += make_checkpoint(run_dir, has_val, save_top_k, checkpoint_every)
     return L.Trainer(
         default_root_dir=str(run_dir),
         logger=make_loggers(run_dir) if loggers else False,

@@ -62,7 +62,8 @@ def run(job: Job) -> dict[str, Any]:
     )
     has_val = dm.val_set is not None
     curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
-    trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], save_top_k=t.save_top_k, multirun=job.multirun)
+    trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], save_top_k=t.save_top_k,
+                            checkpoint_every=t.checkpoint_every_n_steps or None, multirun=job.multirun)
     trainer.fit(lit, datamodule=dm, ckpt_path=t.ckpt_path)
 
     if has_val and (lit.last_val is None or lit.last_val["step"] != trainer.global_step):
