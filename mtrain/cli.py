@@ -79,11 +79,30 @@ def _cleanup() -> None:
             torch.cuda.empty_cache()
 
 
+RESULTS = ("metrics.json", "checkpoints", "hf_model")
+
+
+def check_run_dir(job: Job) -> None:
+    """Refuse to run in a dir that holds another run's results (they would be replaced, or mixed with this run's),
+    unless the job resumes a checkpoint of that dir or ``task.overwrite=true``."""
+    found = [name for name in RESULTS if (job.dir / name).exists()]
+    if not found or job.cfg.task.get("overwrite", False):
+        return
+    ckpt = job.cfg.task.get("ckpt_path")
+    if ckpt and job.dir.resolve() in Path(ckpt).resolve().parents:
+        return
+    last = job.dir / "checkpoints" / "last.ckpt"
+    resume = f" resume it with task.ckpt_path={last}," if last.exists() else ""
+    raise ConfigError(f"run dir {job.dir} already holds another run's results ({', '.join(found)}); choose a new "
+                      f"hydra.run.dir,{resume} or set task.overwrite=true to replace them")
+
+
 def run_job(cfg: DictConfig) -> dict:
     """One job: decide + save the resolved config, run the task with the plan's environment, return its metrics."""
     try:
         resolved, plan = prepare_run(cfg)
         job = Job(resolved, plan, job_dir(), multirun=_multirun(), choices=_choices())
+        check_run_dir(job)
         path = save_resolved(resolved, job.dir)
         log.info("task=%s, run dir %s (resolved config: %s)", resolved.task.name, job.dir, path.name)
         with plan.job_env():

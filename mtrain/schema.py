@@ -75,6 +75,7 @@ class TrainerConfig:
 @dataclass
 class TaskConfig:
     name: str = MISSING
+    overwrite: bool = False  # allow a job in a run dir that holds another run's results (they are replaced)
 
 
 @dataclass

@@ -103,3 +103,25 @@ def test_eval_of_non_finite_weights_fails(tmp_path):
     job = prepared("task=eval", f"model.checkpoint={tmp_path / 'nan_model'}", run_dir=tmp_path / "eval")
     with pytest.raises(TrainingDiverged, match="weights are not finite"):
         eval_task.run(job)
+
+
+def test_a_used_run_dir_is_refused_unless_resuming_it_or_overwrite(tmp_path):
+    from mtrain.cli import check_run_dir
+    from mtrain.config import ConfigError
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"already holds another run's results \(metrics.json, checkpoints\)"):
+        check_run_dir(prepared(run_dir=tmp_path))
+    check_run_dir(prepared(f"task.ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", run_dir=tmp_path))  # resume
+    check_run_dir(prepared("task.overwrite=true", run_dir=tmp_path))
+    check_run_dir(prepared(run_dir=tmp_path / "fresh"))
+
+
+def test_run_dirs_of_jobs_started_in_the_same_second_differ():
+    from conftest import compose_cfg
+
+    run_dir = compose_cfg([], return_hydra_config=True).hydra.run.dir
+    stamp = run_dir.split("/")[-1].split("_")[0]
+    assert len(stamp.split("-")) == 4 and len(stamp.split("-")[-1]) == 6, run_dir  # HH-MM-SS-microseconds
