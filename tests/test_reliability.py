@@ -125,3 +125,51 @@ def test_run_dirs_of_jobs_started_in_the_same_second_differ():
     run_dir = compose_cfg([], return_hydra_config=True).hydra.run.dir
     stamp = run_dir.split("/")[-1].split("_")[0]
     assert len(stamp.split("-")) == 4 and len(stamp.split("-")[-1]) == 6, run_dir  # HH-MM-SS-microseconds
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """last.ckpt of a 3-step run of the default model, and of a smaller model."""
+    from mtrain.tasks import sft
+
+    root = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for name, extra in (("good", []), ("small", ["model.arch.hidden_size=32"])):
+        sft.run(prepared("trainer.max_steps=3", "task.accuracy=false", "task.export=false", *extra,
+                         run_dir=root / name))
+        out[name] = root / name / "checkpoints" / "last.ckpt"
+    truncated = root / "truncated.ckpt"
+    truncated.write_bytes(out["good"].read_bytes()[: out["good"].stat().st_size // 2])
+    out["truncated"] = truncated
+    (root / "notes.txt").write_text("not a checkpoint\n")
+    out["text"] = root / "notes.txt"
+    out["dir"] = root / "good" / "checkpoints"
+    out["missing"] = root / "nope.ckpt"
+    return out
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "no such file"), ("dir", "a folder, not a checkpoint file"), ("text", "not a readable Lightning"),
+    ("truncated", "not a readable Lightning"), ("small", "another model size"),
+])
+def test_bad_resume_paths_get_one_line_before_training(tmp_path, checkpoints, case, message):
+    from mtrain.models.checkpoint import CheckpointError
+    from mtrain.tasks import sft
+
+    job = prepared("trainer.max_steps=5", "task.accuracy=false", f"task.ckpt_path={checkpoints[case]}",
+                   run_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=message) as e:
+        sft.run(job)
+    assert "\n" not in str(e.value) and "task.ckpt_path" in str(e.value)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_steps=-5", "trainer.max_steps=-5 must be >= 1"), ("task.lr=-0.001", "task.lr=-0.001 must be > 0"),
+])
+def test_bad_steps_and_rates_get_one_line(tmp_path, override, message):
+    from mtrain.config import ConfigError
+    from mtrain.tasks import sft
+
+    with pytest.raises(ConfigError, match=message):
+        sft.run(prepared(override, run_dir=tmp_path))

@@ -24,6 +24,7 @@ from mtrain.data.rewards import exact_match, resolve_reward, score
 from mtrain.job import Job, Setup, export_hf, finish, greedy_accuracy, start_job
 from mtrain.lit import MoELitModule, build_trainer
 from mtrain.lit.grpo import GRPOModule, GRPOSettings
+from mtrain.lit.resume import check_resume
 from mtrain.models import MoECausalLM
 from mtrain.plots import figure
 from mtrain.rl import ADVANTAGE_MODES, KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_KINDS, CorrectionConfig
@@ -52,6 +53,8 @@ def check_config(job: Job) -> None:
     if t.num_minibatches > t.prompts_per_step * t.group_size:
         raise ConfigError(f"task.num_minibatches={t.num_minibatches} exceeds the {t.prompts_per_step * t.group_size} "
                           "responses of a step; lower it")
+    if t.lr <= 0:
+        raise ConfigError(f"task.lr={t.lr} must be > 0 (the peak learning rate)")
     if t.temperature <= 0:
         raise ConfigError(f"task.temperature={t.temperature}: RL samples; use > 0")
     if cfg.trainer.max_steps < 1:
@@ -213,6 +216,8 @@ def run(job: Job) -> dict[str, Any]:
     lit = GRPOModule(model, engine, encoded, train_prompts, dm.decode, make_scorer(reward_fn), settings, ref_model=ref,
                      evaluate=evaluate if val else None, rollouts_file=rollouts_file, from_file=from_file,
                      dump_file=out / "rollout_batches.jsonl" if t.dump_rollouts else None, pad_id=dm.pad_id)
+    if t.ckpt_path:
+        check_resume(t.ckpt_path, lit)
     updates = settings.updates_per_step
     trainer = build_trainer(
         cfg, out, has_val=False, checkpoint_every=t.checkpoint_every_n_steps * updates, multirun=job.multirun,

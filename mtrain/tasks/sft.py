@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mtrain.config import ConfigError
 from mtrain.job import Job, accuracy_examples, export_hf, finish, greedy_accuracy, start_job
 from mtrain.lit import LossCurve, MoELitModule, build_trainer
+from mtrain.lit.resume import check_resume
 from mtrain.models.flops import peak_tflops
 
 log = logging.getLogger("mtrain")
@@ -31,8 +33,12 @@ def _pct(x: Any) -> str:
 def run(job: Job) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg, plan, out = job.cfg, job.plan, job.dir
-    s = start_job(job)
     t = cfg.task
+    if cfg.trainer.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1 (the optimizer steps to train)")
+    if t.lr <= 0:
+        raise ConfigError(f"task.lr={t.lr} must be > 0 (the peak learning rate)")
+    s = start_job(job)
     dm, model = s.datamodule, s.model
     examples = accuracy_examples(cfg, dm)
     gen_kw = dict(batch_size=t.gen_batch_size, max_new_tokens=t.max_new_tokens, device=s.device)
@@ -60,6 +66,8 @@ def run(job: Job) -> dict[str, Any]:
         model, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
         betas=tuple(t.betas), eps=t.eps, peak_tflops=peak_tflops(t.peak_tflops, s.cuda), sharding=s.fsdp,
     )
+    if t.ckpt_path:
+        check_resume(t.ckpt_path, lit, sharded=s.fsdp is not None)
     has_val = dm.val_set is not None
     curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
     trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], save_top_k=t.save_top_k,

@@ -1,0 +1,51 @@
+"""Check a ``task.ckpt_path`` before Lightning resumes from it: one clear line instead of a traceback.
+
+A Lightning ``.ckpt`` file is opened memory-mapped with ``weights_only=True`` (nothing is read in full and no pickle
+runs), then its ``state_dict`` keys and shapes are compared with the module's. A folder is a distributed checkpoint
+(``trainer=fsdp``) and only that strategy may resume from one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from mtrain.models.checkpoint import CheckpointError
+
+
+def check_resume(path: str | Path, module: L.LightningModule, sharded: bool = False) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` and the fix unless it is a checkpoint of this module."""
+    p = Path(path).expanduser()
+    fix = "Fix: point task.ckpt_path at <run dir>/checkpoints/last.ckpt of a run of this model"
+    if not p.exists():
+        raise CheckpointError(f"task.ckpt_path={p}: no such file. {fix}")
+    if p.is_dir():
+        if sharded and (p / ".metadata").is_file():
+            return
+        what = "a distributed checkpoint folder, which only trainer=fsdp resumes" if (p / ".metadata").is_file() \
+            else "a folder, not a checkpoint file"
+        raise CheckpointError(f"task.ckpt_path={p} is {what}. {fix}")
+    if sharded:
+        raise CheckpointError(f"task.ckpt_path={p} is a single-file checkpoint; trainer=fsdp resumes the "
+                              f"distributed checkpoint folder it wrote. {fix}")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001  (truncated zip, not a torch file, a pickle weights_only refuses, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"task.ckpt_path={p} is not a readable Lightning checkpoint ({first[:160]}). "
+                              f"{fix}") from None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or "global_step" not in ckpt:
+        raise CheckpointError(f"task.ckpt_path={p} is a torch file but not a Lightning checkpoint (no state_dict / "
+                              f"global_step). {fix}")
+    mine = module.state_dict()
+    missing = sorted(set(mine) - set(state))
+    if missing:
+        raise CheckpointError(f"task.ckpt_path={p} lacks {len(missing)} of this model's tensors (e.g. "
+                              f"{missing[0]}): it belongs to another model. {fix}")
+    for name, t in mine.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise CheckpointError(f"task.ckpt_path={p}: {name} has shape {tuple(state[name].shape)}, this model "
+                                  f"{tuple(t.shape)}: it belongs to another model size. {fix}")
