@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import importlib.resources
-import json
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from mtrain.config import ENV_VAR, ConfigError, parse_fd_enable_rl, prepare_run, save_resolved
+from mtrain.job.outputs import write_json
 from mtrain.job.run import Job, user_error
 from mtrain.tasks import get_task
 
@@ -108,8 +108,9 @@ def run_job(cfg: DictConfig) -> dict:
         with plan.job_env():
             result = get_task(resolved.task.name)(job)
         metrics = job.dir / "metrics.json"
-        if isinstance(result, dict) and not metrics.exists():  # every job leaves its results for the sweep summary
-            metrics.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        rank_zero = os.environ.get("RANK", "0") == "0"  # under torchrun every rank returns; one writes
+        if isinstance(result, dict) and rank_zero and not metrics.exists():  # results for the sweep summary
+            write_json(metrics, result)
         return result
     finally:
         _cleanup()
@@ -140,7 +141,7 @@ def interrupted(e: SIGTERMException) -> None:
     step, ckpt = getattr(e, "mtrain_step", None), getattr(e, "mtrain_checkpoint", None)
     status = {"status": "interrupted", "signal": "SIGTERM", "step": step, "checkpoint": ckpt,
               "error": f"interrupted by SIGTERM at step {step}"}
-    (job_dir() / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+    write_json(job_dir() / "status.json", status)
     resume = f"; resume with task.ckpt_path={ckpt}" if ckpt else ""
     _error(f"interrupted by SIGTERM at step {step}" + (f", checkpoint {ckpt}" if ckpt else "") + resume)
 

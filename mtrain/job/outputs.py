@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -41,7 +42,9 @@ def write_json(path: Path, data: dict) -> Path:
             return [clean(x) for x in v]
         return v
 
-    path.write_text(json.dumps(clean(data), indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a reader never sees a partial file
+    tmp.write_text(json.dumps(clean(data), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
     return path
 
 
