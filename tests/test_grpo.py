@@ -123,26 +123,46 @@ def bad_reward(prompt, response, example):
     return float("nan") if "+" in prompt else 0.0
 
 
-@pytest.mark.parametrize("args,message", [
-    (["task.group_size=1"], "task.group_size=1"),
-    (["task.max_new_tokens=0"], "task.max_new_tokens=0"),
-    (["task.prompts_path={empty}"], "no prompts"),
-    (["task.prompts_path={long}", "model.arch.max_position_embeddings=16"], "prompt #0"),
-    (["task.reward=test_grpo.bad_reward"], "example 0"),
-    (["task.advantage=ppo2"], "task.advantage='ppo2'"),
-])
-def test_bad_input_one_line_nothing_written(tmp_path, args, message):
+BAD_INPUT = {
+    "group": (["task.group_size=1"], "task.group_size=1"),
+    "max_new": (["task.max_new_tokens=0"], "task.max_new_tokens=0"),
+    "empty": (["task.prompts_path={empty}"], "no prompts"),
+    "long": (["task.prompts_path={long}", "model.arch.max_position_embeddings=16"], "prompt #0"),
+    "reward": (["task.reward=test_grpo.bad_reward"], "example 0"),
+    "advantage": (["task.advantage=ppo2"], "task.advantage='ppo2'"),
+}
+CLI_CASES = ("group", "reward")  # through the CLI: exit 2, one line; the others in-process (same check, no start-up)
+
+
+def bad_input_args(tmp_path, case):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "1+1=" * 10, "answer": "2"}) + "\n")
-    args = [a.format(empty=empty, long=long) for a in args]
+    args, message = BAD_INPUT[case]
+    return [a.format(empty=empty, long=long) for a in args], message
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_bad_input_one_line_nothing_written(tmp_path, case):
+    args, message = bad_input_args(tmp_path, case)
     env = {"PYTHONPATH": f"{tmp_path.parent}:{__import__('os').path.dirname(__file__)}"}
     r = run_cli([*TINY, "trainer.max_steps=2", "hydra.run.dir=run", *args], cwd=tmp_path, env=env, timeout=180)
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("mtrain: error:")]
     assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_INPUT if c not in CLI_CASES])
+def test_bad_input_is_a_one_line_user_error_nothing_written(tmp_path, case):
+    from mtrain.job.run import user_error
+
+    args, message = bad_input_args(tmp_path, case)
+    with pytest.raises(Exception) as e:
+        grpo(tmp_path, "trainer.max_steps=2", *args)
+    assert user_error(e.value) and message in str(e.value) and "\n" not in str(e.value), repr(e.value)
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 

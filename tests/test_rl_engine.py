@@ -17,7 +17,6 @@ import pytest
 import torch
 from test_grpo import SIGNAL, grpo, history  # noqa: F401  (SIGNAL: a reward with signal on a random model)
 
-from conftest import run_cli
 from mtrain.data.errors import DataError
 from mtrain.data.rollouts import ModelShape, generation_of, read_rollout_file, rollout_lines
 from mtrain.models import Glm4MoeConfig, Qwen3MoeConfig, RoutingTrace, build_model
@@ -193,12 +192,12 @@ def test_injected_mismatch_corrections_and_replay_in_the_task(tmp_path):
     assert math.isnan(bypass["mismatch_k3_mean"]) and bypass["correction_is_weight_mean_mean"] > 0
 
 
-def test_bad_rollout_file_from_the_cli_one_line_nothing_trained(tmp_path):
+def test_bad_rollout_file_in_the_task_one_line_nothing_trained(tmp_path):
+    from mtrain.job.run import user_error
+
     f = tmp_path / "bad.jsonl"
     f.write_text(json.dumps({"prompt_ids": [1, 5], "response_ids": [3], "logprobs": [0.2]}) + "\n")
-    r = run_cli(["task=grpo", "trainer.max_steps=1", f"task.rollouts_path={f}", "hydra.run.dir=run",
-                 "task.group_size=2"], cwd=tmp_path, timeout=180)
-    assert r.returncode == 2, r.stderr[-2000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("mtrain: error:")]
-    assert len(errors) == 1 and "bad.jsonl:1" in errors[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
+    with pytest.raises(DataError) as e:
+        grpo(tmp_path, "trainer.max_steps=1", f"task.rollouts_path={f}", "task.group_size=2", name="run")
+    assert user_error(e.value) and "bad.jsonl:1" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.json").exists()
