@@ -11,19 +11,19 @@ import gc
 import importlib.resources
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import hydra
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from mtrain.config import ENV_VAR, ConfigError, parse_fd_enable_rl, prepare_run, save_resolved
-from mtrain.job.outputs import write_json
+from mtrain.job.records import write_json
 from mtrain.job.run import Job, user_error
 from mtrain.tasks import get_task
 
@@ -120,9 +120,11 @@ def run_job(cfg: DictConfig) -> dict:
 def _hydra_main(cfg: DictConfig) -> Optional[dict]:
     try:
         return run_job(cfg)
-    except SIGTERMException as e:  # preemption: the trainer wrote last.ckpt at the current step (LastCheckpoint)
-        interrupted(e)
-        sys.exit(143)  # 128 + SIGTERM: what a scheduler expects of a job that was told to stop
+    except SystemExit as e:
+        if not _stopped_by_signal(e):
+            raise
+        code = interrupted(e)
+        sys.exit(code)  # 128 + the signal: what a scheduler expects of a job that was told to stop
     except Exception as e:
         if not user_error(e):
             raise
@@ -136,14 +138,24 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict]:
         sys.exit(2)
 
 
-def interrupted(e: SIGTERMException) -> None:
-    """Record a SIGTERM'd job: ``status.json`` says ``interrupted`` with the step and the checkpoint to resume."""
+def _stopped_by_signal(e: SystemExit) -> bool:
+    """Lightning stops a fit told to stop (SIGTERM, or SIGUSR1 through ``StopOnSignal``) with ``SIGTERMException``;
+    Lightning is only imported here if a job imported it (the config path of the CLI never does)."""
+    exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return exceptions is not None and isinstance(e, exceptions.SIGTERMException)
+
+
+def interrupted(e: SystemExit) -> int:
+    """Record a job stopped by a signal: ``status.json`` says ``interrupted`` with the signal, the step and the
+    checkpoint to resume from (``LastCheckpoint`` wrote it at that step). Returns the exit code, 128 + the signal."""
+    name = getattr(e, "mtrain_signal", "SIGTERM")
     step, ckpt = getattr(e, "mtrain_step", None), getattr(e, "mtrain_checkpoint", None)
-    status = {"status": "interrupted", "signal": "SIGTERM", "step": step, "checkpoint": ckpt,
-              "error": f"interrupted by SIGTERM at step {step}"}
+    status = {"status": "interrupted", "signal": name, "step": step, "checkpoint": ckpt,
+              "error": f"interrupted by {name} at step {step}"}
     write_json(job_dir() / "status.json", status)
     resume = f"; resume with task.ckpt_path={ckpt}" if ckpt else ""
-    _error(f"interrupted by SIGTERM at step {step}" + (f", checkpoint {ckpt}" if ckpt else "") + resume)
+    _error(f"interrupted by {name} at step {step}" + (f", checkpoint {ckpt}" if ckpt else "") + resume)
+    return 128 + int(getattr(signal, name, signal.SIGTERM))
 
 
 def main() -> None:

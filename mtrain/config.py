@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Tuple
@@ -211,10 +212,18 @@ def _rope_fp32_resolver(rl_mode: str) -> bool:
     return decide_precision(None, str(rl_mode), os.environ).rope_fp32
 
 
+def dir_name(text: Any, limit: int = 120) -> str:
+    """A string made safe as one path component: separators and characters a shell or file system mind become
+    ``_`` (a path in an override never nests the job dir), cut to ``limit`` characters."""
+    safe = re.sub(r"[^A-Za-z0-9=,._+-]", "_", str(text))
+    return safe[:limit].strip(".") or "job"
+
+
 RESOLVERS = {
     "mtrain.gate_fp32": _gate_fp32_resolver,  # ${mtrain.gate_fp32:${rl.mode}}
     "mtrain.rope_fp32": _rope_fp32_resolver,  # ${mtrain.rope_fp32:${rl.mode}}
     "mtrain.dtype": dtype_for_precision,  # ${mtrain.dtype:${trainer.precision}}
+    "mtrain.dir_name": dir_name,  # hydra.sweep.subdir: ${mtrain.dir_name:${hydra.job.override_dirname}}
 }
 
 

@@ -307,7 +307,7 @@ def test_multirun_with_several_devices_is_refused_without_torchrun(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 # 24 train rows: an epoch is 3 steps of a global batch of 8 (4 per rank on 2 ranks), so the step-3 checkpoint sits
-# at an epoch boundary (Lightning resumes mid-epoch only with stateful data loaders). rl=on: fp32 gates in their own
+# at an epoch boundary (mid-epoch resumes: tests/test_faults.py). rl=on: fp32 gates in their own
 # FSDP units; 32-true so that 1 and 2 processes agree to float rounding.
 LIT = [
     "task=sft", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_steps=6",
@@ -362,7 +362,8 @@ def test_lightning_two_processes_match_one_process(lightning_runs):
 
 def test_lightning_resumes_distributed_checkpoint_identically(lightning_runs):
     root, _, ckpt = lightning_runs
-    assert ckpt.is_dir() and sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert ckpt.is_dir() and sorted(p.name for p in ckpt.iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt", "mtrain_manifest.json"]  # signed by mtrain
     full, resumed = _train_losses(root / "two"), _train_losses(root / "resumed")
     assert len(resumed) == 3
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[3:]), rtol=1e-6, atol=1e-6)

@@ -9,7 +9,6 @@ act (masked tokens leave the loss) and are logged."""
 from __future__ import annotations
 
 import base64
-import csv
 import json
 import math
 

@@ -14,7 +14,7 @@ PKG = REPO_ROOT / "mtrain"
 
 # lowest first; a module may import its own layer (without a cycle) and any layer below it
 LAYERS = [
-    ("mtrain.plots",),
+    ("mtrain._lazy", "mtrain.plots"),
     ("mtrain.models",),
     ("mtrain.data",),
     ("mtrain.rl",),
@@ -22,7 +22,7 @@ LAYERS = [
     ("mtrain.parallel",),
     ("mtrain.lit",),
     ("mtrain.job",),
-    ("mtrain.tasks", "mtrain.summary"),
+    ("mtrain.tasks", "mtrain.summary", "mtrain.rundir"),
     ("mtrain.cli", "mtrain.__main__"),
 ]
 
@@ -71,6 +71,10 @@ def mtrain_imports(path: Path) -> list[tuple[str, int, bool]]:
             visit(child, func)
 
     visit(tree, False)
+    if is_pkg:  # lazy exports (mtrain._lazy): each name's submodule is an import of the package
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_EXPORTS" for t in node.targets):
+                out += [(f"{module}.{v.value}", node.lineno, False) for v in node.value.values]
     return out
 
 

@@ -3,28 +3,34 @@
 Batches: ``{"input_ids": LongTensor[B, S], "targets": LongTensor[B, S]}``, targets already shifted, -100 = no loss.
 """
 
-from mtrain.data.config import DataConfig
-from mtrain.data.errors import DataError
-from mtrain.data.datasets import (
-    IGNORE,
-    Collator,
-    Record,
-    TokenDataset,
-    encode_records,
-    make_dataset,
-    pack,
-    read_jsonl,
-    read_records,
-    read_text,
-    shift,
-)
-from mtrain.data.module import MTrainDataModule, build_datamodule, to_data_config
-from mtrain.data.synthetic import TASKS, check_answer, generate, generate_splits, solve
-from mtrain.data.tokenizer import load_tokenizer, save_tokenizer, special_ids, synthetic_tokenizer
+from mtrain._lazy import lazy_exports
 
-__all__ = [
-    "DataConfig", "DataError", "IGNORE", "Collator", "Record", "TokenDataset", "encode_records", "make_dataset",
-    "pack", "read_jsonl", "read_records", "read_text", "shift", "MTrainDataModule", "build_datamodule",
-    "to_data_config", "TASKS", "check_answer", "generate", "generate_splits", "solve", "load_tokenizer",
-    "save_tokenizer", "special_ids", "synthetic_tokenizer",
-]
+_EXPORTS = {
+    "DataConfig": "config",
+    "DataError": "errors",
+    "IGNORE": "datasets",
+    "Collator": "datasets",
+    "Record": "datasets",
+    "TokenDataset": "datasets",
+    "encode_records": "datasets",
+    "make_dataset": "datasets",
+    "pack": "datasets",
+    "read_jsonl": "datasets",
+    "read_records": "datasets",
+    "read_text": "datasets",
+    "shift": "datasets",
+    "MTrainDataModule": "module",
+    "build_datamodule": "module",
+    "to_data_config": "module",
+    "TASKS": "synthetic",
+    "check_answer": "synthetic",
+    "generate": "synthetic",
+    "generate_splits": "synthetic",
+    "solve": "synthetic",
+    "load_tokenizer": "tokenizer",
+    "save_tokenizer": "tokenizer",
+    "special_ids": "tokenizer",
+    "synthetic_tokenizer": "tokenizer",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 from tokenizers import Tokenizer
 
 from mtrain.data import synthetic
 from mtrain.data.config import DataConfig
 from mtrain.data.errors import DataError
+from mtrain.data.sampler import EpochSampler, ResumableLoader
 from mtrain.data.datasets import Collator, Record, TokenDataset, encode_records, make_dataset, read_records
 from mtrain.data.tokenizer import load_tokenizer, special_ids, synthetic_tokenizer
 
@@ -142,11 +142,12 @@ class MTrainDataModule(L.LightningDataModule):
 
     def _loader(self, ds: TokenDataset, shuffle: bool) -> DataLoader:
         c = self.cfg
-        return DataLoader(
+        return ResumableLoader(
             ds,
             batch_size=c.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(c.seed) if shuffle else None,
+            # epoch e's order is a function of (seed, e), sharded over ranks, resumable mid-epoch (kill + resume
+            # trains on the batches the interrupted run had not reached, in the same order)
+            sampler=EpochSampler(len(ds), c.seed, shuffle=shuffle),
             num_workers=c.num_workers,
             persistent_workers=c.num_workers > 0,
             collate_fn=self._collator(),

@@ -5,12 +5,25 @@ A task is ``run(job: Job) -> dict``; the CLI builds the :class:`Job` once (preci
 and saved) and hands it over. Code calling a task directly (tests, notebooks) uses :meth:`Job.prepare`.
 """
 
-from .accuracy import accuracy_examples, greedy_accuracy
-from .build import Setup, arch_of, build_setup, meta_model, model_from_config, start_job, tokenizer_source, uses_cuda
-from .outputs import export_hf, finish, write_json
-from .run import Job, UserError, user_error
+from mtrain._lazy import lazy_exports
 
-__all__ = [
-    "Job", "Setup", "UserError", "accuracy_examples", "arch_of", "build_setup", "export_hf", "finish", "greedy_accuracy",
-    "meta_model", "model_from_config", "start_job", "tokenizer_source", "user_error", "uses_cuda", "write_json",
-]
+_EXPORTS = {
+    "accuracy_examples": "accuracy",
+    "greedy_accuracy": "accuracy",
+    "Setup": "build",
+    "arch_of": "build",
+    "build_setup": "build",
+    "meta_model": "build",
+    "model_from_config": "build",
+    "start_job": "build",
+    "tokenizer_source": "build",
+    "uses_cuda": "build",
+    "export_hf": "outputs",
+    "finish": "outputs",
+    "write_json": "records",
+    "Job": "run",
+    "UserError": "run",
+    "user_error": "run",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

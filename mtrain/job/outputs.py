@@ -1,14 +1,11 @@
-"""What a job leaves behind: JSON files (non-finite numbers as null) and the HF export with its tokenizer."""
+"""What a job leaves behind: ``metrics.json`` and the printed summary, and the HF export with its tokenizer."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -16,6 +13,7 @@ from mtrain.data import MTrainDataModule, save_tokenizer
 from mtrain.models import MoECausalLM, save_pretrained
 from mtrain.parallel import export_hf as export_sharded
 from mtrain.parallel import is_sharded
+from mtrain.job.records import write_json
 
 
 def finish(run_dir: Path, metrics: dict, files: dict, t_start: float, rank_zero: bool,
@@ -28,24 +26,6 @@ def finish(run_dir: Path, metrics: dict, files: dict, t_start: float, rank_zero:
         write_json(run_dir / "metrics.json", metrics)
         summary(metrics)
     return metrics
-
-
-def write_json(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a reader never sees a partial file
-    tmp.write_text(json.dumps(clean(data), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 _TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
@@ -63,16 +43,16 @@ def export_hf(
     tok_file = None
     if tokenizer_from is not None:
         tok_file = tokenizer_from / "tokenizer.json" if tokenizer_from.is_dir() else tokenizer_from
-    if is_sharded(model):
-        if export_sharded(model, dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype) is None:
-            return None  # not rank 0
-    else:
-        save_pretrained(model, dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype)
-    if tok_file is None:
-        save_tokenizer(dm.tokenizer, dest)
-    else:
+
+    def tokenizer_files(folder: Path) -> None:  # written before the folder is published (atomic export)
+        if tok_file is None:
+            save_tokenizer(dm.tokenizer, folder)
+            return
         for name in _TOKENIZER_SIDE_FILES:
             side = tok_file.parent / name
             if side.is_file():
-                shutil.copyfile(side, dest / name)
-    return dest
+                shutil.copyfile(side, folder / name)
+
+    if is_sharded(model):
+        return export_sharded(model, dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype, extra=tokenizer_files)
+    return save_pretrained(model, dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype, extra=tokenizer_files)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from mtrain.config import ConfigError, PrecisionPlan, prepare_run
 from mtrain.data.errors import DataError
-from mtrain.lit.callbacks import TrainingDiverged
+from mtrain.lit.errors import TrainingDiverged
 from mtrain.models.checkpoint import CheckpointError
 from mtrain.parallel.errors import ParallelError
 

@@ -1,10 +1,18 @@
-"""Lightning pieces only: the LightningModule around an mtrain model, callbacks/loggers, the trainer factory."""
+"""Lightning pieces only: the LightningModule around an mtrain model, callbacks/loggers, the trainer factory.
+"""
 
-from mtrain.lit.callbacks import LossCurve, make_checkpoint, make_loggers, plot_loss_curve
-from mtrain.lit.module import MoELitModule, WarmupCosine, param_groups
-from mtrain.lit.trainer import build_trainer, quiet_lightning
+from mtrain._lazy import lazy_exports
 
-__all__ = [
-    "LossCurve", "MoELitModule", "WarmupCosine", "build_trainer", "make_checkpoint", "make_loggers", "param_groups",
-    "plot_loss_curve", "quiet_lightning",
-]
+_EXPORTS = {
+    "LossCurve": "callbacks",
+    "make_checkpoint": "callbacks",
+    "make_loggers": "callbacks",
+    "plot_loss_curve": "callbacks",
+    "MoELitModule": "module",
+    "WarmupCosine": "module",
+    "param_groups": "module",
+    "build_trainer": "trainer",
+    "quiet_lightning": "trainer",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

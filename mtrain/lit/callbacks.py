@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,6 +17,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mtrain.lit.errors import TrainingDiverged
+from mtrain.lit.manifest import write_manifest
 from mtrain.plots import figure, smooth
 
 log = logging.getLogger("mtrain")
@@ -75,10 +78,6 @@ def make_loggers(run_dir: Path) -> list[Logger]:
     return loggers
 
 
-class TrainingDiverged(ValueError):
-    """The loss (or the weights) became non-finite: the job stops, nothing non-finite is checkpointed or exported."""
-
-
 def _finite(x) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x)).all())
 
@@ -114,7 +113,8 @@ class LastCheckpoint(Callback):
         trainer.save_checkpoint(str(tmp), weights_only=False)  # + optimizer state; collective under FSDP, then a barrier
         if trainer.is_global_zero:
             old = self.dir / f".{self.NAME}.old"
-            if tmp.is_dir():  # a distributed checkpoint is a folder: swap it in, then drop the old one
+            if tmp.is_dir():  # a distributed checkpoint is a folder: sign it, swap it in, then drop the old one
+                write_manifest(tmp)
                 shutil.rmtree(old, ignore_errors=True)
                 if self.path.exists():
                     os.replace(self.path, old)
@@ -134,9 +134,49 @@ class LastCheckpoint(Callback):
         self.save(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):  # SIGTERM/SIGUSR1, SIGINT (Ctrl-C)
             exception.mtrain_checkpoint = str(self.save(trainer, pl_module))
             exception.mtrain_step = trainer.global_step
+
+
+class StopOnSignal(Callback):
+    """SIGUSR1 (what SLURM sends ahead of a time limit or preemption with ``--signal=USR1@<s>``) stops the fit the way
+    SIGTERM does: Lightning ends the current step and raises ``SIGTERMException``, :class:`LastCheckpoint` writes
+    ``last.ckpt`` at that step, and the exception records which signal arrived (``mtrain_signal``) for the CLI's
+    ``status.json`` and exit code (128 + the signal's number).
+
+    The handler is installed at setup, before Lightning registers its own: Lightning's SLURM auto-requeue handler
+    (which would requeue without mtrain's status record) then stands aside. The previous handler is restored at
+    teardown."""
+
+    SIGNALS = ("SIGUSR1",)
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict[int, object] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.received = None
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None and stage == "fit":
+                self._previous[sig] = signal.signal(sig, self._handler(trainer, name))
+
+    def _handler(self, trainer: L.Trainer, name: str):
+        def handle(signum, frame) -> None:
+            log.info("received %s: stopping after the current step, checkpoint at that step", name)
+            self.received = name
+            trainer._signal_connector.received_sigterm = True  # Lightning's own stop path (SIGTERMException)
+        return handle
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            exception.mtrain_signal = self.received or "SIGTERM"
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 class FiniteGuard(Callback):
@@ -166,6 +206,17 @@ class FiniteGuard(Callback):
                                "trainer.gradient_clip_val")
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's best-by-``val/loss`` checkpoints; a distributed checkpoint folder gets mtrain's signed manifest
+    (:mod:`mtrain.lit.manifest`), so it can be resumed."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero and Path(filepath).is_dir():
+            write_manifest(filepath)
+        trainer.strategy.barrier("mtrain.best_checkpoint")
+
+
 def make_checkpoint(
     run_dir: Path, has_val: bool, save_top_k: int = 1, every_n_train_steps: Optional[int] = None
 ) -> list[Callback]:
@@ -173,7 +224,7 @@ def make_checkpoint(
     optimizer steps, at the end, on SIGTERM); plus the ``save_top_k`` best by ``val/loss`` when there is val data."""
     out: list[Callback] = [LastCheckpoint(run_dir / "checkpoints", every_n_train_steps)]
     if has_val and save_top_k:
-        out.append(ModelCheckpoint(
+        out.append(BestCheckpoint(
             dirpath=str(run_dir / "checkpoints"), filename="best-step{step:06d}-val{val/loss:.4f}",
             auto_insert_metric_name=False, monitor="val/loss", mode="min", save_top_k=save_top_k, save_last=False,
         ))

@@ -1,8 +1,10 @@
 """Check a ``task.ckpt_path`` before Lightning resumes from it: one clear line instead of a traceback.
 
 A Lightning ``.ckpt`` file is opened memory-mapped with ``weights_only=True`` (nothing is read in full and no pickle
-runs), then its ``state_dict`` keys and shapes are compared with the module's. A folder is a distributed checkpoint
-(``trainer=fsdp``) and only that strategy may resume from one.
+runs), then its ``state_dict`` keys and shapes are compared with the module's; the tasks then resume with
+``trainer.fit(..., weights_only=True)`` (explicit, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it off). A
+folder is a distributed checkpoint (``trainer=fsdp``), only that strategy may resume from one, and only when its
+signed manifest (:mod:`mtrain.lit.manifest`) shows an mtrain job of this user wrote it, unchanged.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from mtrain.lit.manifest import verify_manifest
 from mtrain.models.checkpoint import CheckpointError
 
 
@@ -23,6 +26,7 @@ def check_resume(path: str | Path, module: L.LightningModule, sharded: bool = Fa
         raise CheckpointError(f"task.ckpt_path={p}: no such file. {fix}")
     if p.is_dir():
         if sharded and (p / ".metadata").is_file():
+            verify_manifest(p)  # before Lightning/DCP unpickle anything in it
             return
         what = "a distributed checkpoint folder, which only trainer=fsdp resumes" if (p / ".metadata").is_file() \
             else "a folder, not a checkpoint file"

@@ -11,7 +11,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtrain.lit.callbacks import FiniteGuard, StepProgressBar, make_checkpoint, make_loggers
+from mtrain.data.sampler import ResumeData
+from mtrain.lit.callbacks import FiniteGuard, StepProgressBar, StopOnSignal, make_checkpoint, make_loggers
 from mtrain.parallel.lightning import trainer_kwargs
 
 log = logging.getLogger("mtrain")
@@ -38,6 +39,14 @@ class _DropTips(logging.Filter):
 
 
 def quiet_lightning() -> None:
+    """Drop Lightning hints that do not apply, and print its log lines once: ``import lightning`` gives the
+    ``lightning`` logger a console handler of its own, which repeats every line the root logger (Hydra's, in a job)
+    already prints."""
+    root, own = logging.getLogger(), logging.getLogger("lightning")
+    if root.handlers:
+        for h in list(own.handlers):
+            if type(h) is logging.StreamHandler:
+                own.removeHandler(h)
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     rz = logging.getLogger("lightning.pytorch.utilities.rank_zero")
@@ -63,12 +72,16 @@ def build_trainer(
     kw: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     kw.update(overrides)
     kw = trainer_kwargs(kw, multirun=multirun)  # strategy=fsdp2 -> ModelParallelStrategy; the -m launch check
+    # mtrain's loaders shard themselves over ranks (EpochSampler); Lightning's sampler replacement would wrap them
+    kw.setdefault("use_distributed_sampler", False)
     if not has_val:
         kw["limit_val_batches"] = 0
         kw["num_sanity_val_steps"] = 0
     cbs = list(callbacks)
     if kw.get("enable_progress_bar", True):
         cbs.append(StepProgressBar())
+    cbs.append(ResumeData())  # a resumed epoch continues after the batches it trained on
+    cbs.append(StopOnSignal())  # SIGUSR1 stops like SIGTERM (checkpoint at the current step)
     cbs.append(FiniteGuard(every=int(kw.get("log_every_n_steps") or 1)))  # before the checkpoints see the step
     if checkpoint:
         cbs += make_checkpoint(run_dir, has_val, save_top_k, checkpoint_every)

@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -264,6 +265,7 @@ def save_pretrained(
     overwrite: bool = False,
     tensors=None,
     dtype: torch.dtype | str | None = None,
+    extra: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Write an HF checkpoint folder. The gate is written in the dtype the model holds it in (fp32 under
     ``moe_gate_fp32``); ``mtrain_precision.json`` records the policy. Refuses to replace an existing checkpoint
@@ -272,7 +274,9 @@ def save_pretrained(
     ``tensors``: an iterable of (HF key, tensor) to write instead of the model's own (default ``hf_tensors(model)``),
     consumed lazily -- one shard is held in memory at a time (``mtrain.parallel.export_hf`` streams a sharded
     model's parameters through it). ``dtype``: write floating tensors in this dtype (e.g. bf16 from fp32 master
-    weights), except what the precision policy keeps fp32 (the gate under ``moe_gate_fp32``, GLM's bias)."""
+    weights), except what the precision policy keeps fp32 (the gate under ``moe_gate_fp32``, GLM's bias).
+    ``extra(folder)``: writes more files (a tokenizer) into the folder before it is published, so a kill at any
+    point leaves either the old folder or the complete new one."""
     dest = Path(path)
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise CheckpointError(f"{dest} already exists and is not empty; choose another folder or pass overwrite=True")
@@ -326,9 +330,14 @@ def save_pretrained(
         (tmp / PRECISION_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        if dest.exists():
-            shutil.rmtree(dest)
+        if extra is not None:
+            extra(tmp)
+        old = dest.with_name(f".{dest.name}.old")
+        if dest.exists():  # swap: the old folder moves aside, the complete new one takes its name, the old goes
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
         tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

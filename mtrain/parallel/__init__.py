@@ -2,26 +2,26 @@
 per-rank loading from (sharded) safetensors on a meta-built model (``loading``), streamed HF export (``export``),
 launch checks for torchrun / SLURM / ``-m`` (``launch``) and the Lightning glue of ``trainer=fsdp`` (``lightning``).
 No Hydra and no tasks here; errors are plain :class:`ParallelError`. Sharded save/resume is Lightning's
-(``ModelParallelStrategy`` writes distributed checkpoints), the one resume story of mtrain."""
+(``ModelParallelStrategy`` writes distributed checkpoints), the one resume story of mtrain.
+"""
 
-from .errors import ParallelError
-from .export import export_hf, gathered
-from .fsdp import PRECISIONS, apply_fsdp, dp_mesh, fsdp_precision, init_distributed, is_sharded, root_unsharded
-from .loading import LoadStats, build_sharded, init_sharded, load_sharded
+from mtrain._lazy import lazy_exports
 
-__all__ = [
-    "LoadStats",
-    "PRECISIONS",
-    "ParallelError",
-    "apply_fsdp",
-    "build_sharded",
-    "dp_mesh",
-    "export_hf",
-    "fsdp_precision",
-    "gathered",
-    "init_distributed",
-    "init_sharded",
-    "is_sharded",
-    "load_sharded",
-    "root_unsharded",
-]
+_EXPORTS = {
+    "ParallelError": "errors",
+    "export_hf": "export",
+    "gathered": "export",
+    "PRECISIONS": "fsdp",
+    "apply_fsdp": "fsdp",
+    "dp_mesh": "fsdp",
+    "fsdp_precision": "fsdp",
+    "init_distributed": "fsdp",
+    "is_sharded": "fsdp",
+    "root_unsharded": "fsdp",
+    "LoadStats": "loading",
+    "build_sharded": "loading",
+    "init_sharded": "loading",
+    "load_sharded": "loading",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

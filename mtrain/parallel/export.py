@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,7 @@ def export_hf(
     dtype: torch.dtype | str | None = None,
     tokenizer_file: str | os.PathLike | None = None,
     overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path | None:
     """Write ``model`` (FSDP-sharded or not) as an HF checkpoint folder at ``path``; call on every rank.
 
@@ -72,7 +73,7 @@ def export_hf(
     else:
         out = save_pretrained(
             model, dest, max_shard_size=max_shard_size, tokenizer_file=tokenizer_file, overwrite=overwrite,
-            tensors=tensors, dtype=dtype,
+            tensors=tensors, dtype=dtype, extra=extra,
         )
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -225,7 +225,7 @@ def run(job: Job) -> dict[str, Any]:
         val_check_interval=None,
     )
     t_fit = time.perf_counter()
-    trainer.fit(lit, ckpt_path=t.ckpt_path)
+    trainer.fit(lit, ckpt_path=t.ckpt_path, weights_only=True)
     seconds["fit"] = time.perf_counter() - t_fit
     seconds |= lit.seconds
 

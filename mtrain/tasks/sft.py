@@ -72,7 +72,7 @@ def run(job: Job) -> dict[str, Any]:
     curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
     trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], save_top_k=t.save_top_k,
                             checkpoint_every=t.checkpoint_every_n_steps or None, multirun=job.multirun)
-    trainer.fit(lit, datamodule=dm, ckpt_path=t.ckpt_path)
+    trainer.fit(lit, datamodule=dm, ckpt_path=t.ckpt_path, weights_only=True)
 
     if has_val and (lit.last_val is None or lit.last_val["step"] != trainer.global_step):
         trainer.validate(lit, datamodule=dm, verbose=False)  # the final weights' val loss

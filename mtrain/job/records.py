@@ -1,0 +1,28 @@
+"""The JSON records of a job (``metrics.json``, ``status.json``): written atomically, non-finite numbers as null.
+Free of torch and Lightning, so the CLI can record a job's end without importing them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a reader never sees a partial file
+    tmp.write_text(json.dumps(clean(data), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path

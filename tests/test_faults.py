@@ -1,0 +1,213 @@
+"""Fault injection: a job killed at a random step (SIGTERM, SIGUSR1, kill -9) resumes onto the uninterrupted run's
+loss curve; a write killed half-way leaves the previous checkpoint or export whole; concurrent jobs never share a
+run dir; a run dir that cannot be created, a crafted resume file and an unsigned or altered distributed checkpoint
+are refused before anything runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_sft import prepared
+
+from conftest import ENV_VAR, REPO_ROOT, run_cli
+from mtrain.models.checkpoint import CheckpointError
+
+# 60 steps over 19 batches an epoch: a kill lands mid-epoch, and the resumed run crosses epoch boundaries
+RUN = ["trainer.max_steps=60", "task.checkpoint_every_n_steps=6", "task.accuracy=false", "task.export=false",
+       "data.num_train=600", "data.num_val=32", "data.batch_size=32", "trainer.val_check_interval=25",
+       "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> train loss, from the run's CSV log."""
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def ckpt_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def env() -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "HYDRA_FULL_ERROR")}
+    out["PYTHONPATH"] = str(REPO_ROOT)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    from mtrain.tasks import sft
+
+    run = tmp_path_factory.mktemp("uninterrupted")
+    sft.run(prepared(*RUN, run_dir=run))
+    return losses(run)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGKILL"])
+def test_killed_job_resumes_onto_the_uninterrupted_loss_curve(tmp_path, uninterrupted, sig):
+    from mtrain.tasks import sft
+
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "mtrain", *RUN, f"hydra.run.dir={run}"], cwd=tmp_path, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    assert last.exists() and p.poll() is None, p.communicate()[1][-2000:]
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    step = ckpt_step(last)
+    assert 6 <= step < 60, "the job must be stopped mid-run"
+    if sig == "SIGKILL":
+        assert p.returncode == -signal.SIGKILL and step % 6 == 0  # the last periodic checkpoint
+    else:
+        assert p.returncode == 128 + getattr(signal, sig), err[-2000:]
+        status = json.loads((run / "status.json").read_text())
+        assert (status["status"], status["signal"], status["step"]) == ("interrupted", sig, step)
+        assert f"mtrain: error: interrupted by {sig} at step {step}" in err
+    assert not (run / "metrics.json").exists()
+
+    sft.run(prepared(*RUN, f"task.ckpt_path={last}", run_dir=tmp_path / "resumed"))
+    resumed = losses(tmp_path / "resumed")
+    assert min(resumed) == step and set(resumed) == {s for s in uninterrupted if s >= step}  # the steps left
+    for s, loss in resumed.items():  # same weights, optimizer state, schedule and batches: the same curve
+        assert loss == pytest.approx(uninterrupted[s], rel=1e-5, abs=1e-6), (s, loss, uninterrupted[s])
+
+
+def test_a_write_killed_half_way_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    import lightning as L
+
+    from mtrain.tasks import sft
+
+    real, calls = L.Trainer.save_checkpoint, []
+
+    def dies_on_the_second_write(self, filepath, *a, **kw):
+        calls.append(filepath)
+        if len(calls) == 2:
+            Path(filepath).write_bytes(b"PK\x03\x04 half a zip")  # what a killed write leaves
+            raise OSError("killed while writing")  # (kill -9 itself cannot be caught; SIGTERM/SIGINT save again)
+        return real(self, filepath, *a, **kw)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", dies_on_the_second_write)
+    with pytest.raises(OSError, match="killed while writing"):
+        sft.run(prepared(*RUN, run_dir=tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt_step(last) == 6  # the first write, whole; the half-written one never took its name
+    assert Path(calls[1]).name != "last.ckpt"
+
+
+def test_an_export_killed_half_way_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+    from mtrain.models import Glm4MoeConfig, build_model, from_pretrained, save_pretrained
+
+    dest = tmp_path / "hf_model"
+    save_pretrained(build_model(Glm4MoeConfig(), seed=0), dest)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+
+    def killed(folder):
+        raise KeyboardInterrupt("killed while writing the tokenizer")
+
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(build_model(Glm4MoeConfig(), seed=1), dest, overwrite=True, extra=killed)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_model"]  # no temporary folder left behind
+    from_pretrained(dest)
+
+
+def test_jobs_started_together_get_their_own_run_dirs(tmp_path):
+    cmd = [sys.executable, "-m", "mtrain", "trainer.max_steps=2", "task.accuracy=false", "task.export=false",
+           "data.num_train=64", "data.num_val=16", "trainer.enable_progress_bar=false"]
+    jobs = [subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    for p in jobs:
+        assert p.wait(timeout=180) == 0, p.communicate()[1][-2000:]
+    runs = sorted(tmp_path.glob("outputs/*/*"))
+    assert len(runs) == 2 and all((r / "metrics.json").is_file() for r in runs)
+    assert all(json.loads((r / "metrics.json").read_text())["steps"] == 2 for r in runs)
+
+
+def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    r = run_cli([f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"], cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"mtrain: error: hydra.run.dir: {tmp_path / 'a_file'} is a file, so {tmp_path / 'a_file' / 'run'} cannot be "
+        "created under it. Fix: point hydra.run.dir=... at a writable folder"]
+
+
+def test_a_path_in_a_sweep_override_does_not_nest_the_job_dir():
+    from mtrain.config import dir_name
+
+    name = dir_name("task.rollouts_path=/data/run 1/rollouts.jsonl,task.lr=0.001")
+    assert name == "task.rollouts_path=_data_run_1_rollouts.jsonl,task.lr=0.001"
+    assert len(dir_name("x=" + "a" * 500)) <= 120
+
+
+class _Payload:
+    """Unpickling this runs code: it creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def module():
+    from mtrain.lit import MoELitModule
+    from mtrain.models import Glm4MoeConfig, build_model
+
+    return MoELitModule(build_model(Glm4MoeConfig(), seed=0))
+
+
+def test_a_crafted_ckpt_runs_nothing_even_when_torch_is_told_to_unpickle(tmp_path, monkeypatch, module):
+    from mtrain.lit.resume import check_resume
+
+    marker, crafted = tmp_path / "code_ran", tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "x": _Payload(marker)}, crafted)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(CheckpointError, match="not a readable Lightning checkpoint"):
+        check_resume(crafted, module)
+    assert not marker.exists()
+
+
+def test_distributed_checkpoints_resume_only_when_signed_and_unchanged(tmp_path, monkeypatch, module):
+    from mtrain.lit.manifest import MANIFEST, write_manifest
+    from mtrain.lit.resume import check_resume
+
+    monkeypatch.setenv("MTRAIN_CHECKPOINT_KEY", str(tmp_path / "key"))
+    folder, marker = tmp_path / "last.ckpt", tmp_path / "code_ran"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))  # DCP unpickles .metadata on load
+    (folder / "__0_0.distcp").write_bytes(b"\0" * 64)
+    with pytest.raises(CheckpointError, match=f"has no {MANIFEST}"):
+        check_resume(folder, module, sharded=True)
+
+    write_manifest(folder)
+    check_resume(folder, module, sharded=True)  # what mtrain wrote, unchanged: accepted
+
+    (folder / "__0_0.distcp").write_bytes(b"\1" + b"\0" * 63)
+    with pytest.raises(CheckpointError, match="__0_0.distcp changed"):
+        check_resume(folder, module, sharded=True)
+    write_manifest(folder)
+    (folder / "extra.distcp").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="extra.distcp is not in the manifest"):
+        check_resume(folder, module, sharded=True)
+    (folder / "extra.distcp").unlink()
+
+    monkeypatch.setenv("MTRAIN_CHECKPOINT_KEY", str(tmp_path / "another_users_key"))
+    with pytest.raises(CheckpointError, match="signature .* does not match") as e:
+        check_resume(folder, module, sharded=True)
+    assert "\n" not in str(e.value) and "task.ckpt_path" in str(e.value)
+    assert not marker.exists()
