@@ -25,6 +25,7 @@ from hydra.types import RunMode
 from mtrain.config import ENV_VAR, ConfigError, parse_fd_enable_rl, prepare_run, save_resolved
 from mtrain.job.records import write_json
 from mtrain.job.run import Job, user_error
+from mtrain.parallel.launch import slurm_requeue
 from mtrain.tasks import get_task
 
 log = logging.getLogger("mtrain")
@@ -89,8 +90,8 @@ def check_run_dir(job: Job) -> None:
     if not found or job.cfg.task.get("overwrite", False):
         return
     ckpt = job.cfg.task.get("ckpt_path")
-    if ckpt and job.dir.resolve() in Path(ckpt).resolve().parents:
-        return
+    if ckpt == "auto" or (ckpt and job.dir.resolve() in Path(ckpt).resolve().parents):
+        return  # it resumes this dir's run
     last = job.dir / "checkpoints" / "last.ckpt"
     resume = f" resume it with task.ckpt_path={last}," if last.exists() else ""
     raise ConfigError(f"run dir {job.dir} already holds another run's results ({', '.join(found)}); choose a new "
@@ -152,8 +153,11 @@ def interrupted(e: SystemExit) -> int:
     step, ckpt = getattr(e, "mtrain_step", None), getattr(e, "mtrain_checkpoint", None)
     status = {"status": "interrupted", "signal": name, "step": step, "checkpoint": ckpt,
               "error": f"interrupted by {name} at step {step}"}
+    requeued = slurm_requeue() if name == "SIGUSR1" and ckpt and os.environ.get("RANK", "0") == "0" else None
+    if requeued:  # SLURM's warning ahead of the time limit: back in the queue, the rerun resumes (ckpt_path=auto)
+        status["requeued"] = requeued
     write_json(job_dir() / "status.json", status)
-    resume = f"; resume with task.ckpt_path={ckpt}" if ckpt else ""
+    resume = f"; requeued SLURM job {requeued}" if requeued else f"; resume with task.ckpt_path={ckpt}" if ckpt else ""
     _error(f"interrupted by {name} at step {step}" + (f", checkpoint {ckpt}" if ckpt else "") + resume)
     return 128 + int(getattr(signal, name, signal.SIGTERM))
 

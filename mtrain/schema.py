@@ -106,7 +106,8 @@ class OptimTaskConfig(ModelTaskConfig):
     weight_decay: float = 0.0  # AdamW decoupled decay on matrices only (never norms, biases, router bias)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    ckpt_path: Optional[str] = None  # a Lightning .ckpt to resume from (weights, optimizer, scheduler, step)
+    ckpt_path: Optional[str] = None  # a Lightning .ckpt to resume from (weights, optimizer, scheduler, step, data
+    # position); "auto": this run dir's checkpoints/last.ckpt if it exists (a requeued job continues), else fresh
     export: bool = True  # write <run dir>/hf_model (HF format + tokenizer) at the end
 
 

@@ -55,11 +55,19 @@ def uninterrupted(tmp_path_factory) -> dict[int, float]:
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGKILL"])
 def test_killed_job_resumes_onto_the_uninterrupted_loss_curve(tmp_path, uninterrupted, sig):
+    """SIGUSR1 runs as a SLURM job would (SLURM_JOB_ID set, a stand-in ``scontrol`` on PATH): the job requeues itself,
+    and its rerun in the same run dir continues with ``task.ckpt_path=auto``."""
     from mtrain.tasks import sft
 
-    run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "mtrain", *RUN, f"hydra.run.dir={run}"], cwd=tmp_path, env=env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run, environ = tmp_path / "run", env()
+    if sig == "SIGUSR1":
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol_args'}\n")
+        (bin_dir / "scontrol").chmod(0o755)
+        environ |= {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{environ['PATH']}"}
+    p = subprocess.Popen([sys.executable, "-m", "mtrain", *RUN, "task.ckpt_path=auto", f"hydra.run.dir={run}"],
+                         cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and p.poll() is None:
@@ -76,10 +84,15 @@ def test_killed_job_resumes_onto_the_uninterrupted_loss_curve(tmp_path, uninterr
         status = json.loads((run / "status.json").read_text())
         assert (status["status"], status["signal"], status["step"]) == ("interrupted", sig, step)
         assert f"mtrain: error: interrupted by {sig} at step {step}" in err
+    if sig == "SIGUSR1":
+        assert (tmp_path / "scontrol_args").read_text().split() == ["requeue", "4242"] and status["requeued"] == "4242"
     assert not (run / "metrics.json").exists()
 
-    sft.run(prepared(*RUN, f"task.ckpt_path={last}", run_dir=tmp_path / "resumed"))
-    resumed = losses(tmp_path / "resumed")
+    # the rerun: same run dir, task.ckpt_path=auto finds last.ckpt (a CSV log of its own: the killed one stays)
+    (run / "csv").rename(run / "csv_killed")
+    metrics = sft.run(prepared(*RUN, "task.ckpt_path=auto", run_dir=run))
+    assert metrics["resumed_from"] == str(last)
+    resumed = losses(run)
     assert min(resumed) == step and set(resumed) == {s for s in uninterrupted if s >= step}  # the steps left
     for s, loss in resumed.items():  # same weights, optimizer state, schedule and batches: the same curve
         assert loss == pytest.approx(uninterrupted[s], rel=1e-5, abs=1e-6), (s, loss, uninterrupted[s])

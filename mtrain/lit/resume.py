@@ -10,12 +10,25 @@ signed manifest (:mod:`mtrain.lit.manifest`) shows an mtrain job of this user wr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
 
 from mtrain.lit.manifest import verify_manifest
 from mtrain.models.checkpoint import CheckpointError
+
+
+AUTO = "auto"
+
+
+def resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
+    """``task.ckpt_path`` as a path: ``auto`` is ``<run dir>/checkpoints/last.ckpt`` when it exists (a requeued or
+    re-run job continues where it stopped) and a fresh start otherwise."""
+    if ckpt_path != AUTO:
+        return ckpt_path
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    return str(last) if last.exists() else None
 
 
 def check_resume(path: str | Path, module: L.LightningModule, sharded: bool = False) -> None:

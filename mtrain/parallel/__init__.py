@@ -9,6 +9,7 @@ from mtrain._lazy import lazy_exports
 
 _EXPORTS = {
     "ParallelError": "errors",
+    "slurm_requeue": "launch",
     "export_hf": "export",
     "gathered": "export",
     "PRECISIONS": "fsdp",

@@ -14,7 +14,10 @@ the whole sweep. :func:`check_launch` refuses that case with a message naming bo
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import re
+import subprocess
+from typing import Any, Mapping
 
 from .errors import ParallelError
 
@@ -60,3 +63,20 @@ def check_launch(devices: Any, num_nodes: int = 1, *, multirun: bool, accelerato
             "...` for one run, or `python -m mtrain -m hydra/launcher=slurm ...` for a sweep on a SLURM cluster"
         )
     return None
+
+
+def slurm_requeue(environ: Mapping[str, str] | None = None) -> str | None:
+    """Under SLURM, put this job back in the queue (``scontrol requeue``, what Lightning's SLURM auto-requeue does
+    on SIGUSR1); call on rank 0 after the checkpoint is written. Its rerun lands in the same job dir and continues
+    with ``task.ckpt_path=auto``. Returns the job id requeued, or None outside SLURM or when scontrol failed."""
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if not job or not re.fullmatch(r"[0-9_]+", job):
+        return None
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return job if done.returncode == 0 else None

@@ -24,7 +24,7 @@ from mtrain.data.rewards import exact_match, resolve_reward, score
 from mtrain.job import Job, Setup, export_hf, finish, greedy_accuracy, start_job
 from mtrain.lit import MoELitModule, build_trainer
 from mtrain.lit.grpo import GRPOModule, GRPOSettings
-from mtrain.lit.resume import check_resume
+from mtrain.lit.resume import check_resume, resume_path
 from mtrain.models import MoECausalLM
 from mtrain.plots import figure
 from mtrain.rl import ADVANTAGE_MODES, KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_KINDS, CorrectionConfig
@@ -159,6 +159,7 @@ def run(job: Job) -> dict[str, Any]:
     t_start = time.perf_counter()
     check_config(job)
     cfg, plan, out, t = job.cfg, job.plan, job.dir, job.cfg.task
+    ckpt = resume_path(t.ckpt_path, out)  # task.ckpt_path=auto: this run dir's last.ckpt, if any
     reward_fn = reward_function(t)
     s = start_job(job)
     dm, model = s.datamodule, s.model
@@ -179,10 +180,10 @@ def run(job: Job) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {"task": "grpo", "model": cfg.model.name, "checkpoint": cfg.model.checkpoint,
                                "dtype": cfg.model.dtype, "moe_gate_fp32": plan.moe_gate_fp32,
-                               "resumed_from": t.ckpt_path, "prompts": len(train_prompts),
+                               "resumed_from": ckpt, "prompts": len(train_prompts),
                                "val_prompts": len(val_prompts)}
     seconds = {"warm_start": 0.0}
-    if t.warm_start_steps > 0 and not t.ckpt_path:
+    if t.warm_start_steps > 0 and not ckpt:
         seconds["warm_start"] = warm_start(job, s, t.warm_start_steps, t.warm_start_lr)
         model = s.model
     if t.compile and s.cuda:
@@ -216,8 +217,8 @@ def run(job: Job) -> dict[str, Any]:
     lit = GRPOModule(model, engine, encoded, train_prompts, dm.decode, make_scorer(reward_fn), settings, ref_model=ref,
                      evaluate=evaluate if val else None, rollouts_file=rollouts_file, from_file=from_file,
                      dump_file=out / "rollout_batches.jsonl" if t.dump_rollouts else None, pad_id=dm.pad_id)
-    if t.ckpt_path:
-        check_resume(t.ckpt_path, lit)
+    if ckpt:
+        check_resume(ckpt, lit)
     updates = settings.updates_per_step
     trainer = build_trainer(
         cfg, out, has_val=False, checkpoint_every=t.checkpoint_every_n_steps * updates, multirun=job.multirun,
@@ -225,7 +226,7 @@ def run(job: Job) -> dict[str, Any]:
         val_check_interval=None,
     )
     t_fit = time.perf_counter()
-    trainer.fit(lit, ckpt_path=t.ckpt_path, weights_only=True)
+    trainer.fit(lit, ckpt_path=ckpt, weights_only=True)
     seconds["fit"] = time.perf_counter() - t_fit
     seconds |= lit.seconds
 

@@ -18,7 +18,7 @@ from typing import Any
 from mtrain.config import ConfigError
 from mtrain.job import Job, accuracy_examples, export_hf, finish, greedy_accuracy, start_job
 from mtrain.lit import LossCurve, MoELitModule, build_trainer
-from mtrain.lit.resume import check_resume
+from mtrain.lit.resume import check_resume, resume_path
 from mtrain.models.flops import peak_tflops
 
 log = logging.getLogger("mtrain")
@@ -34,6 +34,7 @@ def run(job: Job) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg, plan, out = job.cfg, job.plan, job.dir
     t = cfg.task
+    ckpt = resume_path(t.ckpt_path, out)  # task.ckpt_path=auto: this run dir's last.ckpt, if any
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1 (the optimizer steps to train)")
     if t.lr <= 0:
@@ -49,9 +50,9 @@ def run(job: Job) -> dict[str, Any]:
         "checkpoint": cfg.model.checkpoint,
         "dtype": cfg.model.dtype,
         "moe_gate_fp32": plan.moe_gate_fp32,
-        "resumed_from": t.ckpt_path,
+        "resumed_from": ckpt,
     }
-    if examples and t.accuracy_before and not t.ckpt_path:
+    if examples and t.accuracy_before and not ckpt:
         if s.fsdp is None:
             metrics["val_accuracy_before"] = greedy_accuracy(model, dm, examples, **gen_kw)["accuracy"]
         else:  # the weights exist only once fit has sharded and filled them
@@ -66,13 +67,13 @@ def run(job: Job) -> dict[str, Any]:
         model, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
         betas=tuple(t.betas), eps=t.eps, peak_tflops=peak_tflops(t.peak_tflops, s.cuda), sharding=s.fsdp,
     )
-    if t.ckpt_path:
-        check_resume(t.ckpt_path, lit, sharded=s.fsdp is not None)
+    if ckpt:
+        check_resume(ckpt, lit, sharded=s.fsdp is not None)
     has_val = dm.val_set is not None
     curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
     trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], save_top_k=t.save_top_k,
                             checkpoint_every=t.checkpoint_every_n_steps or None, multirun=job.multirun)
-    trainer.fit(lit, datamodule=dm, ckpt_path=t.ckpt_path, weights_only=True)
+    trainer.fit(lit, datamodule=dm, ckpt_path=ckpt, weights_only=True)
 
     if has_val and (lit.last_val is None or lit.last_val["step"] != trainer.global_step):
         trainer.validate(lit, datamodule=dm, verbose=False)  # the final weights' val loss
