@@ -122,10 +122,10 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict]:
     try:
         return run_job(cfg)
     except SystemExit as e:
-        if not _stopped_by_signal(e):
+        stop = _stopped_by_signal(e)
+        if stop is None:
             raise
-        code = interrupted(e)
-        sys.exit(code)  # 128 + the signal: what a scheduler expects of a job that was told to stop
+        sys.exit(interrupted(stop))  # 128 + the signal: what a scheduler expects of a job that was told to stop
     except Exception as e:
         if not user_error(e):
             raise
@@ -139,14 +139,19 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict]:
         sys.exit(2)
 
 
-def _stopped_by_signal(e: SystemExit) -> bool:
-    """Lightning stops a fit told to stop (SIGTERM, or SIGUSR1 through ``StopOnSignal``) with ``SIGTERMException``;
-    Lightning is only imported here if a job imported it (the config path of the CLI never does)."""
+def _stopped_by_signal(e: SystemExit) -> Optional[BaseException]:
+    """The exception of a fit told to stop, or None: Lightning raises ``SIGTERMException`` on SIGTERM (and SIGUSR1,
+    through ``StopOnSignal``), and exits 1 after a ``KeyboardInterrupt`` (Ctrl-C, SIGINT) that
+    ``LastCheckpoint`` recorded. Lightning is only looked at if a job imported it (the config path never does)."""
     exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
-    return exceptions is not None and isinstance(e, exceptions.SIGTERMException)
+    if exceptions is not None and isinstance(e, exceptions.SIGTERMException):
+        return e
+    if isinstance(e.__context__, KeyboardInterrupt) and hasattr(e.__context__, "mtrain_step"):
+        return e.__context__
+    return None
 
 
-def interrupted(e: SystemExit) -> int:
+def interrupted(e: BaseException) -> int:
     """Record a job stopped by a signal: ``status.json`` says ``interrupted`` with the signal, the step and the
     checkpoint to resume from (``LastCheckpoint`` wrote it at that step). Returns the exit code, 128 + the signal."""
     name = getattr(e, "mtrain_signal", "SIGTERM")

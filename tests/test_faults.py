@@ -1,4 +1,4 @@
-"""Fault injection: a job killed at a random step (SIGTERM, SIGUSR1, kill -9) resumes onto the uninterrupted run's
+"""Fault injection: a job killed at a random step (SIGTERM, SIGUSR1, Ctrl-C, kill -9) resumes onto the uninterrupted run's
 loss curve; a write killed half-way leaves the previous checkpoint or export whole; concurrent jobs never share a
 run dir; a run dir that cannot be created, a crafted resume file and an unsigned or altered distributed checkpoint
 are refused before anything runs."""
@@ -53,7 +53,7 @@ def uninterrupted(tmp_path_factory) -> dict[int, float]:
     return losses(run)
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGKILL"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT", "SIGKILL"])
 def test_killed_job_resumes_onto_the_uninterrupted_loss_curve(tmp_path, uninterrupted, sig):
     """SIGUSR1 runs as a SLURM job would (SLURM_JOB_ID set, a stand-in ``scontrol`` on PATH): the job requeues itself,
     and its rerun in the same run dir continues with ``task.ckpt_path=auto``."""

@@ -172,6 +172,8 @@ class StopOnSignal(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             exception.mtrain_signal = self.received or "SIGTERM"
+        elif isinstance(exception, KeyboardInterrupt):
+            exception.mtrain_signal = "SIGINT"
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for sig, handler in self._previous.items():
