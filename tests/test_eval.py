@@ -25,7 +25,8 @@ def _run(tmp_path, monkeypatch, *overrides):
     return eval_task.run(Job.prepare(cfg)), cfg
 
 
-def test_eval_on_hf_checkpoint_matches_hand_computed_loss(tmp_path, monkeypatch):
+@pytest.mark.parametrize("save_logprobs", [False, True])  # the default path (model.loss) and the logprobs path
+def test_eval_on_hf_checkpoint_matches_hand_computed_loss(tmp_path, monkeypatch, save_logprobs):
     ckpt = tmp_path / "ckpt"
     model = build_model(Glm4MoeConfig(), seed=3)
     with torch.no_grad():  # a non-trivial router: a routing difference would change the loss
@@ -37,7 +38,7 @@ def test_eval_on_hf_checkpoint_matches_hand_computed_loss(tmp_path, monkeypatch)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     data = ["data.num_train=8", "data.num_val=24", "data.batch_size=8"]
-    m, cfg = _run(run_dir, monkeypatch, f"model.checkpoint={ckpt}", "task.save_logprobs=true", *data)
+    m, cfg = _run(run_dir, monkeypatch, f"model.checkpoint={ckpt}", f"task.save_logprobs={save_logprobs}", *data)
 
     # by hand: the same val batches, full logits from model(ids), torch's cross-entropy
     ref = from_pretrained(ckpt)
@@ -53,6 +54,9 @@ def test_eval_on_hf_checkpoint_matches_hand_computed_loss(tmp_path, monkeypatch)
     assert m["loss"] == pytest.approx(total / count, rel=1e-5)
     assert m["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert m["tokens_per_s"] > 0 and m["accuracy_examples"] == 24 and 0.0 <= m["accuracy"] <= 1.0
+    if not save_logprobs:
+        assert not (run_dir / "token_logprobs.jsonl").exists()
+        return
 
     rows = [json.loads(line) for line in (run_dir / "token_logprobs.jsonl").read_text().splitlines()]
     assert len(rows) == 24
