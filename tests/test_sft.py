@@ -328,3 +328,29 @@ def test_gpu_sft_then_eval_bf16_true(tmp_path, monkeypatch, model):
     e = eval_task.run(prepared("task=eval", "trainer=gpu", "rl=on", f"model={model}", f"model.checkpoint={export}",
                                "data.num_train=2048", "data.num_val=64", "data.batch_size=64", "data=synthetic"))
     assert e["loss"] == pytest.approx(m["val_loss"], rel=2e-2) and e["tokens_per_s"] > 0
+
+
+def test_a_slow_checkpoint_write_does_not_lower_the_reported_training_throughput(tmp_path, monkeypatch):
+    """tokens_per_s (and MFU) count training steps only: checkpoint writes and validation are timed apart, in
+    metrics.json's seconds breakdown."""
+    import time as _time
+
+    from mtrain.tasks import sft
+
+    real, writes = L.Trainer.save_checkpoint, []
+
+    def slow_disk(self, *a, **kw):
+        writes.append(self.global_step)
+        _time.sleep(0.3)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", slow_disk)
+    m = sft.run(prepared("trainer.max_steps=20", "task.checkpoint_every_n_steps=4", "task.accuracy=false",
+                         "task.export=false", run_dir=tmp_path))
+    s = m["seconds"]
+    assert len(writes) >= 5  # last.ckpt at steps 4, 8, 12, 16, 20, and the best by val/loss
+    assert s["checkpoint"] >= 0.3 * len(writes)  # every write timed as a checkpoint write...
+    assert m["train_seconds"] == s["train_steps"] < s["fit"] - 0.3 * len(writes)  # ...and none as training
+    assert m["tokens_per_s"] == pytest.approx(m["train_tokens"] / m["train_seconds"])
+    assert s["fit"] >= s["train_steps"] + s["checkpoint"] + s["validation"] - 1e-6
+    assert set(s) >= {"startup", "fit", "train_steps", "validation", "checkpoint", "final_validation"}

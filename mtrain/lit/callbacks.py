@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -78,6 +79,13 @@ def make_loggers(run_dir: Path) -> list[Logger]:
     return loggers
 
 
+def excluded(pl_module: L.LightningModule, kind: str, seconds: float) -> None:
+    """Tell the module (``MoELitModule.exclude``) that ``seconds`` went to ``kind``, not to training steps."""
+    exclude = getattr(pl_module, "exclude", None)
+    if exclude is not None:
+        exclude(kind, seconds)
+
+
 def _finite(x) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x)).all())
 
@@ -105,6 +113,7 @@ class LastCheckpoint(Callback):
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         if trainer.global_step == self.saved_step and self.path.exists():
             return self.path
+        t0 = time.perf_counter()
         if not all(_finite(p.detach()) for p in pl_module.parameters()):
             raise TrainingDiverged(f"the weights hold non-finite values at step {trainer.global_step}; not "
                                    f"checkpointed (the last good checkpoint, if any, stays in {self.dir}). Fix: lower "
@@ -124,6 +133,7 @@ class LastCheckpoint(Callback):
                 os.replace(tmp, self.path)
         trainer.strategy.barrier("mtrain.last_checkpoint")
         self.saved_step = trainer.global_step
+        excluded(pl_module, "checkpoint", time.perf_counter() - t0)
         return self.path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -213,10 +223,12 @@ class BestCheckpoint(ModelCheckpoint):
     (:mod:`mtrain.lit.manifest`), so it can be resumed."""
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        t0 = time.perf_counter()
         super()._save_checkpoint(trainer, filepath)
         if trainer.is_global_zero and Path(filepath).is_dir():
             write_manifest(filepath)
         trainer.strategy.barrier("mtrain.best_checkpoint")
+        excluded(trainer.lightning_module, "checkpoint", time.perf_counter() - t0)
 
 
 def make_checkpoint(

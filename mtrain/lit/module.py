@@ -95,8 +95,9 @@ class MoELitModule(L.LightningModule):
         self.train_seconds = 0.0
         self._reset_window()
         self._fit_t0: Optional[float] = None
-        self._val_time = 0.0
-        self._steady: Optional[tuple[float, int, float]] = None  # (time, tokens, val time) after the first step
+        self.excluded: dict[str, float] = {}  # seconds of fit spent outside training steps, by kind
+        self._paused = 0.0  # their sum: left out of every training throughput
+        self._steady: Optional[tuple[float, int, float]] = None  # (time, tokens, paused) after the first step
         self.steady_tokens_per_s: Optional[float] = None  # training throughput without the first step (compile)
 
     # -- model ---------------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class MoELitModule(L.LightningModule):
         self._last_step = self.global_step
         _sync(self.device)
         self._fit_t0 = time.perf_counter()
-        self._val_time = 0.0
+        self.excluded, self._paused = {}, 0.0
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if self._win_t0 is None:
@@ -186,7 +187,7 @@ class MoELitModule(L.LightningModule):
             self._win_steps += 1
             if self._steady is None:
                 _sync(self.device)
-                self._steady = (time.perf_counter(), self.train_tokens, self._val_time)
+                self._steady = (time.perf_counter(), self.train_tokens, self._paused)
             if self._win_steps >= max(1, self.trainer.log_every_n_steps):
                 _sync(self.device)
                 dt = time.perf_counter() - self._win_t0 - self._win_paused
@@ -200,14 +201,22 @@ class MoELitModule(L.LightningModule):
             if self._mfu is not None:
                 self.log("train/mfu", self._mfu)
 
-    def on_train_end(self) -> None:
+    def exclude(self, kind: str, seconds: float) -> None:
+        """``seconds`` of the fit went to ``kind`` (``validation``, ``checkpoint``), not to training steps: recorded
+        in :attr:`excluded` and left out of ``train/tokens_per_s``, ``train_seconds`` and MFU."""
+        self.excluded[kind] = self.excluded.get(kind, 0.0) + seconds
+        self._paused += seconds
+        if self._win_t0 is not None:
+            self._win_paused += seconds
+
+    def on_train_end(self) -> None:  # after the callbacks' on_train_end: the last checkpoint write is excluded
         _sync(self.device)
         now = time.perf_counter()
         if self._fit_t0 is not None:
-            self.train_seconds = now - self._fit_t0 - self._val_time
+            self.train_seconds = now - self._fit_t0 - self._paused
         if self._steady is not None:
-            t0, tokens0, val0 = self._steady
-            dt = now - t0 - (self._val_time - val0)
+            t0, tokens0, paused0 = self._steady
+            dt = now - t0 - (self._paused - paused0)
             if dt > 0 and self.train_tokens > tokens0:
                 self.steady_tokens_per_s = (self.train_tokens - tokens0) / dt
 
@@ -247,9 +256,7 @@ class MoELitModule(L.LightningModule):
         _sync(self.device)
         seconds = time.perf_counter() - self._val_t0
         if self.trainer.state.fn == "fit":
-            self._val_time += seconds
-            if self._win_t0 is not None:
-                self._win_paused += seconds
+            self.exclude("validation", seconds)
         loss = float(total / count.clamp(min=1))
         self.log("val/loss", loss)
         self.log("val/ppl", math.exp(min(loss, 80.0)))

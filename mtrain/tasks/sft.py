@@ -73,7 +73,11 @@ def run(job: Job) -> dict[str, Any]:
     curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
     trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], save_top_k=t.save_top_k,
                             checkpoint_every=t.checkpoint_every_n_steps or None, multirun=job.multirun)
+    t_fit = time.perf_counter()
     trainer.fit(lit, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+    t_after = time.perf_counter()
+    seconds = {"startup": t_fit - t_start, "fit": t_after - t_fit, "train_steps": lit.train_seconds,
+               "validation": lit.excluded.get("validation", 0.0), "checkpoint": lit.excluded.get("checkpoint", 0.0)}
 
     if has_val and (lit.last_val is None or lit.last_val["step"] != trainer.global_step):
         trainer.validate(lit, datamodule=dm, verbose=False)  # the final weights' val loss
@@ -97,10 +101,13 @@ def run(job: Job) -> dict[str, Any]:
     })
     if lit.peak_tflops > 0 and lit.train_seconds > 0:
         metrics["mfu"] = lit.train_flops / lit.train_seconds / (lit.peak_tflops * 1e12)
+    seconds["final_validation"] = time.perf_counter() - t_after
     if examples:
+        t0 = time.perf_counter()
         after = greedy_accuracy(model, dm, examples, **gen_kw)
         metrics.update({"val_accuracy": after["accuracy"], "accuracy_examples": after["n"],
                         "accuracy_samples": after["samples"]})
+        seconds["accuracy"] = time.perf_counter() - t0
 
     ckpt_cb = trainer.checkpoint_callback
     files = {
@@ -112,9 +119,13 @@ def run(job: Job) -> dict[str, Any]:
         "best_checkpoint": ckpt_cb.best_model_path or None if ckpt_cb is not None else None,
     }
     if t.export and (trainer.is_global_zero or s.fsdp is not None):  # a sharded export needs every rank
+        t0 = time.perf_counter()
         dest = export_hf(model, dm, s.tokenizer_from, out / "hf_model", dtype=s.fsdp.param_dtype if s.fsdp else None)
+        seconds["export"] = time.perf_counter() - t0
         if dest is not None:
             files["hf_model"] = str(dest)
+    # where the wall time went; the fit's other time (data, logging, loop) is fit - train_steps - validation - checkpoint
+    metrics["seconds"] = seconds
     return finish(out, metrics, files, t_start, trainer.is_global_zero, print_summary)
 
 
