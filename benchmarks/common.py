@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mtrain.models import FAMILIES, PrecisionPolicy, build_model
-from mtrain.models.flops import active_params_per_token
+from mtrain.models.flops import eval_flops_per_token, peak_tflops, train_flops_per_token
 
 SHAPES = {
     # Qwen3-30B-A3B
@@ -103,11 +103,18 @@ def matmul_tflops(n: int = 8192) -> float:
 
 
 def flops_per_token(cfg, seq: int, train: bool) -> float:
-    """6 (train) or 2 (forward) x active matmul params (``mtrain.models.flops``), plus causal attention: QK^T and AV
-    over seq/2 keys on average (the training MFU logged by ``task=sft`` counts the full seq, PaLM-style)."""
-    mult = 6 if train else 2
-    attn = 2 * 2 * cfg.num_attention_heads * cfg.head_dim_ * (seq / 2) * cfg.num_hidden_layers
-    return mult * active_params_per_token(cfg) + (3 if train else 1) * attn
+    """Model FLOPs per token: the one count of the project (``mtrain.models.flops``, what ``task=sft`` logs): 6 (train)
+    or 2 (forward) x active matmul params, plus attention scores over the full ``seq`` (PaLM's count)."""
+    return train_flops_per_token(cfg, seq) if train else eval_flops_per_token(cfg, seq)
+
+
+def spec_peak_tflops() -> float:
+    """MFU's denominator, the same everywhere in mtrain: the card's dense bf16 spec peak (989 TFLOP/s for H100/H200
+    SXM; ``mtrain.models.flops.PEAK_BF16_TFLOPS``). The measured matmul rate is printed beside it as context."""
+    peak = peak_tflops(None, True)
+    if not peak:
+        raise SystemExit(f"{card()}: no dense bf16 peak known for this card; add it to PEAK_BF16_TFLOPS")
+    return peak
 
 
 def card() -> str:

@@ -1,12 +1,14 @@
-"""mtrain vs transformers (grouped_mm experts, SDPA), side by side on one GPU: training step (fwd+bwd) and eval
-forward, identical random weights, same shapes and dtype (bf16).
+"""mtrain vs transformers (grouped_mm experts, SDPA), eager and torch.compile'd, side by side on one GPU: training
+step (fwd+bwd) and eval forward, identical random weights, same shapes and dtype (bf16).
 
     python benchmarks/train_step.py                       # Qwen3-30B-A3B and GLM-4.5-Air shapes, 4 layers, 4x2048
     python benchmarks/train_step.py --eval-layers 48      # + eval forward of a full-depth Qwen3-30B-A3B shape
 
-Checks numerics first (logits, loss and gradients close to the reference), then prints tokens/s, TFLOP/s, MFU
-against the dense bf16 matmul rate measured in the same run, peak memory and the ratio, for rl=on and rl=off.
-Appends one JSON line per case to benchmarks/results.jsonl (and $OUT).
+Checks numerics first and stops when they fail (mtrain's logits, loss and gradient errors against an fp32 reference
+must be no larger than transformers' own bf16 errors, with a margin), then prints tokens/s, TFLOP/s, MFU, peak memory
+and the ratios to transformers eager and compiled, for rl=on and rl=off. MFU is the project's one definition: model
+FLOPs (``mtrain.models.flops``) over the card's dense bf16 spec peak (989 TFLOP/s on H100/H200); the dense matmul rate
+measured in the same run is printed beside it. Appends one JSON line per case to benchmarks/results.jsonl (and $OUT).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
-    append_results, batch, card, flops_per_token, make_hf, make_mtrain, matmul_tflops, mtrain_config, time_cuda,
+    append_results, batch, card, flops_per_token, make_hf, make_mtrain, matmul_tflops, mtrain_config,
+    spec_peak_tflops, time_cuda,
 )
 
 
@@ -78,6 +81,17 @@ def check_numerics(shape: str, args) -> dict:
     return {k: float(f"{v:.3g}") for k, v in out.items()}
 
 
+# mtrain's bf16 error may exceed transformers' by this factor (plus a floor for errors near zero) before the run stops
+# (mtrain key, transformers key, factor, floor)
+NUMERICS_MARGIN = [("logits_err_mtrain", "logits_err_ref", 1.5, 1e-3), ("loss_err_mtrain", "loss_err_ref", 2.0, 1e-2),
+                   ("grad_err_mtrain_median", "grad_err_ref_median", 1.5, 1e-2)]
+
+
+def numerics_failures(num: dict) -> list[str]:
+    return [f"{ours}: {num[ours]:.3g} > max({factor} x {ref} {num[ref]:.3g}, {floor})"
+            for ours, ref, factor, floor in NUMERICS_MARGIN if num[ours] > max(factor * num[ref], floor)]
+
+
 def train_tokens_per_s(model, step, ids, targets) -> tuple[float, float]:
     def run():
         model.zero_grad(set_to_none=True)
@@ -94,59 +108,84 @@ def ours_step(model, ids, targets):
 
 def hf_step(model, ids, targets):
     labels = ids  # transformers shifts labels itself
-    model(input_ids=ids, labels=labels).loss.backward()
+    model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
 
 
-def bench_train(shape: str, args, peak_tflops: float) -> list[dict]:
+def hf_reference(cfg, state, ids, targets, compiled: bool):
+    """transformers' training tokens/s and peak GiB, eager or torch.compile'd (None and the reason when compiling
+    fails)."""
+    hf = make_hf(cfg, "cuda", state).train()
+    try:
+        if compiled:
+            hf = torch.compile(hf)
+        return train_tokens_per_s(hf, hf_step, ids, targets), None
+    except Exception as e:  # noqa: BLE001  (a compile failure is a result: recorded, the eager ratio stands)
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    finally:
+        del hf
+        free()
+
+
+def bench_train(shape: str, args, peak_tflops: float, matmul: float) -> list[dict]:
     cfg = mtrain_config(shape, args.layers)
     ids, targets = batch(cfg, args.batch, args.seq, "cuda")
     fpt = flops_per_token(cfg, args.seq, train=True)
-    results, state = {}, None
+    results, state, refs, why = {}, None, {}, {}
     variants = [("rl=on", True, False), ("rl=off", False, False)]
     if args.compile:
         variants += [("rl=on+compile", True, True), ("rl=off+compile", False, True)]
-    ref = None
     for name, rl, compiled in variants:
         model = make_mtrain(cfg, "cuda", rl=rl).train()
         if compiled:
             model.compile_layers()
-        if ref is None:
+        if state is None:
             state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
         results[name] = train_tokens_per_s(model, ours_step, ids, targets)
         print(f"  {shape} mtrain {name}: {results[name][0]:,.0f} tok/s, peak {results[name][1]:.1f} GiB", flush=True)
         del model
         free()
-        if ref is None:  # the reference right after the first variant, so a cut-off run still has its ratio
-            hf = make_hf(cfg, "cuda", state).train()
-            state = None
-            ref = train_tokens_per_s(hf, hf_step, ids, targets)
-            print(f"  {shape} transformers grouped_mm: {ref[0]:,.0f} tok/s, peak {ref[1]:.1f} GiB", flush=True)
-            del hf
-            free()
+        if "eager" not in refs:  # the reference right after the first variant, so a cut-off run still has its ratio
+            refs["eager"], _ = hf_reference(cfg, state, ids, targets, compiled=False)
+            print(f"  {shape} transformers grouped_mm: {refs['eager'][0]:,.0f} tok/s, peak {refs['eager'][1]:.1f} GiB",
+                  flush=True)
+    if args.compile:
+        refs["compiled"], why["compiled"] = hf_reference(cfg, state, ids, targets, compiled=True)
+        if refs["compiled"] is None:
+            print(f"  {shape} transformers compiled: failed ({why['compiled']})", flush=True)
+        else:
+            print(f"  {shape} transformers compiled: {refs['compiled'][0]:,.0f} tok/s, peak {refs['compiled'][1]:.1f} "
+                  "GiB", flush=True)
+    ref, cref = refs["eager"], refs.get("compiled")
     rows = []
     for name, (tps, mem) in results.items():
         rows.append(dict(
             bench="train_step", shape=shape, layers=args.layers, tokens=f"{args.batch}x{args.seq}", variant=name,
             rl=name.startswith("rl=on"), mtrain_tok_s=round(tps), ref_tok_s=round(ref[0]), ratio=round(tps / ref[0], 3),
+            ref_compiled_tok_s=round(cref[0]) if cref else None,
+            ratio_vs_compiled=round(tps / cref[0], 3) if cref else None,
+            ref_compiled_error=why.get("compiled"),
             mtrain_tflops=round(tps * fpt / 1e12, 1), mfu=round(tps * fpt / 1e12 / peak_tflops, 3),
-            ref_mfu=round(ref[0] * fpt / 1e12 / peak_tflops, 3), matmul_tflops=round(peak_tflops, 1),
-            mtrain_peak_gib=round(mem, 2), ref_peak_gib=round(ref[1], 2),
+            ref_mfu=round(ref[0] * fpt / 1e12 / peak_tflops, 3), peak_tflops_spec=peak_tflops,
+            matmul_tflops_measured=round(matmul, 1), mtrain_peak_gib=round(mem, 2), ref_peak_gib=round(ref[1], 2),
+            ref_compiled_peak_gib=round(cref[1], 2) if cref else None,
         ))
     return rows
 
 
 def bench_eval(shape: str, layers: int, args, peak_tflops: float) -> list[dict]:
-    """Forward-only (no grad) logits of a full-depth model; one model on the GPU at a time (weights: same seeded
-    distribution, not the same tensors -- 2 x 30B parameters do not fit one card)."""
+    """Forward-only (no grad) logits, no KV cache on either side, identical weights (mtrain's, copied to the host
+    and loaded into transformers), one model on the GPU at a time."""
     cfg = mtrain_config(shape, layers)
     ids, _ = batch(cfg, args.batch, args.seq, "cuda")
     fpt = flops_per_token(cfg, args.seq, train=False)
-    res = {}
+    res, state = {}, None
     for name, rl, compiled in (("rl=on", True, False), ("rl=off", False, False), ("rl=on+compile", True, True),
                                ("rl=off+compile", False, True)):
         if compiled and not args.compile:
             continue
         model = make_mtrain(cfg, "cuda", rl=rl).eval()
+        if state is None:
+            state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
         if compiled:
             model.compile_layers()
         free()
@@ -156,10 +195,11 @@ def bench_eval(shape: str, layers: int, args, peak_tflops: float) -> list[dict]:
         print(f"  eval {shape} x{layers} mtrain {name}: {res[name][0]:,.0f} tok/s, peak {res[name][1]:.1f} GiB", flush=True)
         del model
         free()
-    hf = make_hf(cfg, "cuda").eval()
+    hf = make_hf(cfg, "cuda", state).eval()
+    del state
     free()
     with torch.no_grad():
-        t = time_cuda(lambda: hf(input_ids=ids).logits, warmup=2, iters=5)
+        t = time_cuda(lambda: hf(input_ids=ids, use_cache=False).logits, warmup=2, iters=5)
     ref = (ids.numel() / t, torch.cuda.max_memory_allocated() / 2**30)
     print(f"  eval {shape} x{layers} transformers: {ref[0]:,.0f} tok/s, peak {ref[1]:.1f} GiB", flush=True)
     del hf
@@ -167,7 +207,7 @@ def bench_eval(shape: str, layers: int, args, peak_tflops: float) -> list[dict]:
     return [
         dict(bench="eval_forward", shape=shape, layers=layers, tokens=f"{args.batch}x{args.seq}", variant=name,
              rl=name.startswith("rl=on"), mtrain_tok_s=round(tps), ref_tok_s=round(ref[0]), ratio=round(tps / ref[0], 3),
-             mfu=round(tps * fpt / 1e12 / peak_tflops, 3), matmul_tflops=round(peak_tflops, 1),
+             mfu=round(tps * fpt / 1e12 / peak_tflops, 3), peak_tflops_spec=peak_tflops,
              mtrain_peak_gib=round(mem, 2), ref_peak_gib=round(ref[1], 2))
         for name, (tps, mem) in res.items()
     ]
@@ -188,22 +228,28 @@ def main():
     args = p.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 gate GEMM must be real fp32
-    peak = matmul_tflops()
-    print(f"{card()}: dense bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    peak, matmul = spec_peak_tflops(), matmul_tflops()
+    print(f"{card()}: MFU against the dense bf16 spec peak {peak:.0f} TFLOP/s (measured dense matmul: {matmul:.0f})",
+          flush=True)
     rows = []
     for shape in args.shapes:
         num = check_numerics(shape, args)
         print(f"  {shape} numerics vs transformers (bf16): {num}", flush=True)
-        rows += [r | {"numerics": num} for r in bench_train(shape, args, peak)]
+        bad = numerics_failures(num)
+        if bad:
+            raise SystemExit(f"{shape}: numerics check failed, not timing a wrong model: " + "; ".join(bad))
+        rows += [r | {"numerics": num} for r in bench_train(shape, args, peak, matmul)]
     if args.eval_layers:
         rows += bench_eval("qwen3_30b_a3b", args.eval_layers, args, peak)
     if not args.no_save:
         append_results(rows)
     print(f"\n{'bench':12} {'shape':14} {'L':>3} {'variant':16} {'mtrain tok/s':>13} {'ref tok/s':>10} {'ratio':>6} "
-          f"{'MFU':>6} {'ref MFU':>7} {'peak GiB':>9} {'ref GiB':>8}")
+          f"{'ref compiled':>12} {'ratio':>6} {'MFU':>6} {'ref MFU':>7} {'peak GiB':>9} {'ref GiB':>8}")
     for r in rows:
+        rc, rr = r.get("ref_compiled_tok_s"), r.get("ratio_vs_compiled")
         print(f"{r['bench']:12} {r['shape']:14} {r['layers']:>3} {r['variant']:16} {r['mtrain_tok_s']:>13,} "
-              f"{r['ref_tok_s']:>10,} {r['ratio']:>6.2f} {r['mfu']:>6.1%} {r.get('ref_mfu', float('nan')):>7.1%} "
+              f"{r['ref_tok_s']:>10,} {r['ratio']:>6.2f} {rc if rc else '-':>12} {rr if rr else '-':>6} "
+              f"{r['mfu']:>6.1%} {r.get('ref_mfu', float('nan')):>7.1%} "
               f"{r['mtrain_peak_gib']:>9.1f} {r['ref_peak_gib']:>8.1f}")
 
 
