@@ -216,7 +216,7 @@ def bench_eval(shape: str, layers: int, args, peak_tflops: float) -> list[dict]:
 def main():
     global args
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["qwen3_30b_a3b", "glm45_air"])
+    p.add_argument("--shapes", nargs="*", default=["qwen3_30b_a3b", "glm45_air"], help="train-step shapes (none: eval only)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)

@@ -66,8 +66,11 @@ def test_killed_job_resumes_onto_the_uninterrupted_loss_curve(tmp_path, uninterr
         (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol_args'}\n")
         (bin_dir / "scontrol").chmod(0o755)
         environ |= {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{environ['PATH']}"}
+    # SIGINT back to its default in the job: a shell starts background jobs (CI, say) with SIGINT ignored, and the
+    # job would inherit that
     p = subprocess.Popen([sys.executable, "-m", "mtrain", *RUN, "task.ckpt_path=auto", f"hydra.run.dir={run}"],
-                         cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and p.poll() is None:
