@@ -174,7 +174,7 @@ def bench_train(shape: str, args, peak_tflops: float, matmul: float) -> list[dic
 
 def bench_eval(shape: str, layers: int, args, peak_tflops: float) -> list[dict]:
     """Forward-only (no grad) logits, no KV cache on either side, identical weights (mtrain's, copied to the host
-    and loaded into transformers), one model on the GPU at a time."""
+    and loaded into transformers), one model on the GPU at a time; with --compile also transformers compiled."""
     cfg = mtrain_config(shape, layers)
     ids, _ = batch(cfg, args.batch, args.seq, "cuda")
     fpt = flops_per_token(cfg, args.seq, train=False)
@@ -198,15 +198,28 @@ def bench_eval(shape: str, layers: int, args, peak_tflops: float) -> list[dict]:
     hf = make_hf(cfg, "cuda", state).eval()
     del state
     free()
-    with torch.no_grad():
-        t = time_cuda(lambda: hf(input_ids=ids, use_cache=False).logits, warmup=2, iters=5)
-    ref = (ids.numel() / t, torch.cuda.max_memory_allocated() / 2**30)
-    print(f"  eval {shape} x{layers} transformers: {ref[0]:,.0f} tok/s, peak {ref[1]:.1f} GiB", flush=True)
+    refs, why = {}, None
+    for kind in ("eager", "compiled") if args.compile else ("eager",):
+        run = torch.compile(hf) if kind == "compiled" else hf
+        try:
+            with torch.no_grad():
+                t = time_cuda(lambda: run(input_ids=ids, use_cache=False).logits, warmup=2, iters=5)
+        except Exception as e:  # noqa: BLE001  (a compile failure is a result: recorded, the eager ratio stands)
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"  eval {shape} x{layers} transformers {kind}: failed ({why})", flush=True)
+            continue
+        refs[kind] = (ids.numel() / t, torch.cuda.max_memory_allocated() / 2**30)
+        print(f"  eval {shape} x{layers} transformers {kind}: {refs[kind][0]:,.0f} tok/s, peak {refs[kind][1]:.1f} GiB",
+              flush=True)
+        free()
     del hf
     free()
+    ref, cref = refs["eager"], refs.get("compiled")
     return [
         dict(bench="eval_forward", shape=shape, layers=layers, tokens=f"{args.batch}x{args.seq}", variant=name,
              rl=name.startswith("rl=on"), mtrain_tok_s=round(tps), ref_tok_s=round(ref[0]), ratio=round(tps / ref[0], 3),
+             ref_compiled_tok_s=round(cref[0]) if cref else None,
+             ratio_vs_compiled=round(tps / cref[0], 3) if cref else None, ref_compiled_error=why,
              mfu=round(tps * fpt / 1e12 / peak_tflops, 3), peak_tflops_spec=peak_tflops,
              mtrain_peak_gib=round(mem, 2), ref_peak_gib=round(ref[1], 2))
         for name, (tps, mem) in res.items()
