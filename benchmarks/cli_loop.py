@@ -5,7 +5,8 @@
 
 Both sides get the same job: the config ``python -m mtrain experiment=qwen3_30b_a3b_shape rl=on <OVERRIDES>``
 composes, the same data (its packed train loader), model (bf16, fp32 gate, compiled decoder layers), fused AdamW with
-mtrain's parameter groups and warm-up + cosine schedule, and gradient clipping at ``trainer.gradient_clip_val``.
+mtrain's parameter groups and warm-up + cosine schedule, and gradient clipping at ``trainer.gradient_clip_val``
+(folded into the fused AdamW step, as the CLI does: ``mtrain.lit.clipping``).
 
 * bare: ``loss.backward(); clip; opt.step(); sched.step(); opt.zero_grad()`` in a Python loop, timed with a device
   sync only at the ends of the timed window (after warm-up steps);
@@ -51,6 +52,7 @@ def compose(overrides: list[str]):
 def bare_loop(overrides: list[str], warmup: int, steps: int) -> dict:
     """Tokens/s of fwd + bwd + clip + fused AdamW + schedule over ``steps`` steps after ``warmup``, on the job's data."""
     from mtrain.job import Job, start_job
+    from mtrain.lit.clipping import clip_in_fused_step, is_fused
     from mtrain.lit.module import WarmupCosine, param_groups
 
     job = Job.prepare(compose(overrides), tempfile.mkdtemp())
@@ -70,7 +72,9 @@ def bare_loop(overrides: list[str], warmup: int, steps: int) -> dict:
 
     def step(b):
         model.loss(b["input_ids"], b["targets"]).backward()
-        if clip:
+        if clip and is_fused(opt):  # what the CLI does (mtrain.lit.clipping)
+            clip_in_fused_step(opt, model.parameters(), clip)
+        elif clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         sched.step()

@@ -354,3 +354,31 @@ def test_a_slow_checkpoint_write_does_not_lower_the_reported_training_throughput
     assert m["tokens_per_s"] == pytest.approx(m["train_tokens"] / m["train_seconds"])
     assert s["fit"] >= s["train_steps"] + s["checkpoint"] + s["validation"] - 1e-6
     assert set(s) >= {"startup", "fit", "train_steps", "validation", "checkpoint", "final_validation"}
+
+
+def test_clipping_folded_into_the_fused_adamw_step_equals_clip_then_step():
+    """The GPU path clips by setting the fused AdamW's grad_scale (no separate scaling pass): the same update as
+    clip_grad_norm_ + step, both when the norm is above the limit and below it."""
+    from mtrain.lit.clipping import clip_in_fused_step, is_fused
+    from mtrain.lit.module import param_groups
+    from mtrain.models import Qwen3MoeConfig, build_model
+
+    cfg = Qwen3MoeConfig()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    targets = torch.roll(ids, -1, dims=1)
+    for max_norm in (0.05, 1e6):  # clipping, and not
+        models = [build_model(cfg, seed=0) for _ in range(2)]
+        opts = [torch.optim.AdamW(param_groups(m, 0.1), lr=1e-2, fused=True) for m in models]  # fused runs on CPU
+        assert all(is_fused(o) for o in opts)
+        for _ in range(3):
+            for m, o in zip(models, opts):
+                m.loss(ids, targets).backward()
+            ref = torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
+            ours = clip_in_fused_step(opts[1], models[1].parameters(), max_norm)
+            torch.testing.assert_close(ours, ref)
+            assert (ref > max_norm) == (max_norm < 1)  # the small limit really clips
+            for o in opts:
+                o.step()
+                o.zero_grad(set_to_none=True)
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 import lightning as L
 import torch
 
+from mtrain.lit.clipping import clip_in_fused_step, is_fused, no_clip
 from mtrain.models import MoECausalLM, family_of, token_logprobs
 from mtrain.models.flops import eval_flops_per_token, train_flops_per_token
 from mtrain.models.loss import IGNORE_INDEX
@@ -130,6 +131,17 @@ class MoELitModule(L.LightningModule):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(self.warmup_steps, total, self.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by norm inside the fused AdamW step when there is one (``mtrain.lit.clipping``: no separate scaling
+        pass over the gradients); Lightning's clipping otherwise (CPU, FSDP's sharded gradients, clip by value)."""
+        opt = getattr(optimizer, "optimizer", optimizer)
+        if (gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm" and self.sharding is None
+                and is_fused(opt)):
+            clip_in_fused_step(opt, self.model.parameters(), float(gradient_clip_val))
+            return
+        no_clip(opt)
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         targets = batch["targets"]

@@ -1,0 +1,35 @@
+"""Gradient clipping by total norm, folded into a fused AdamW step.
+
+``torch.nn.utils.clip_grad_norm_`` scales every gradient by the clip coefficient in a pass of its own. At the
+Qwen3-30B-A3B shape on an H200 (6.2 GB of bf16 gradients) that pass takes 11.5 ms of the clip's 14.4 ms; the norm
+takes 1.9 ms (``benchmarks/optimizer_step.py``). A fused AdamW divides the gradients by its ``grad_scale`` inside its
+own kernel (the hook ``GradScaler`` uses), so the coefficient rides along: one read of the gradients for the norm and
+no pass for the scaling. The update is the one of clip + step; the coefficient stays on the device (no host sync).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(getattr(optimizer, "defaults", {}).get("fused")) and all(g.get("fused") for g in optimizer.param_groups)
+
+
+def clip_in_fused_step(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor], max_norm: float
+                       ) -> torch.Tensor:
+    """Clip the gradients of ``parameters`` to total 2-norm ``max_norm`` by setting the fused ``optimizer``'s
+    ``grad_scale`` for its next step. Returns the total norm before clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    coef = (max_norm / (total.float() + 1e-6)).clamp(max=1.0)  # what clip_grad_norm_ multiplies by
+    optimizer.grad_scale = 1.0 / coef
+    return total
+
+
+def no_clip(optimizer: torch.optim.Optimizer) -> None:
+    """Undo :func:`clip_in_fused_step` for the next step."""
+    if hasattr(optimizer, "grad_scale"):
+        del optimizer.grad_scale
