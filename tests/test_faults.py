@@ -227,3 +227,24 @@ def test_distributed_checkpoints_resume_only_when_signed_and_unchanged(tmp_path,
         check_resume(folder, module, sharded=True)
     assert "\n" not in str(e.value) and "task.ckpt_path" in str(e.value)
     assert not marker.exists()
+
+
+def test_the_checkpoint_writer_streams_to_disk_and_stays_atomic(tmp_path, monkeypatch):
+    """StreamingCheckpointIO (every non-FSDP trainer's): a write that dies half-way leaves the previous file whole and
+    no partial file behind; a finished write loads."""
+    from mtrain.lit.checkpoint_io import StreamingCheckpointIO
+
+    io, path = StreamingCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+    real = torch.save
+
+    def dies(obj, f, *a, **kw):
+        real({"half": torch.zeros(10)}, f)
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(OSError, match="killed while writing"):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtrain.data.sampler import ResumeData
+from mtrain.lit.checkpoint_io import StreamingCheckpointIO
 from mtrain.lit.callbacks import FiniteGuard, StepProgressBar, StopOnSignal, make_checkpoint, make_loggers
 from mtrain.parallel.lightning import trainer_kwargs
 
@@ -85,6 +86,8 @@ def build_trainer(
     cbs.append(FiniteGuard(every=int(kw.get("log_every_n_steps") or 1)))  # before the checkpoints see the step
     if checkpoint:
         cbs += make_checkpoint(run_dir, has_val, save_top_k, checkpoint_every)
+    if isinstance(kw.get("strategy", "auto"), str) and "plugins" not in kw:  # trainer=fsdp: distributed checkpoints
+        kw["plugins"] = [StreamingCheckpointIO()]
     return L.Trainer(
         default_root_dir=str(run_dir),
         logger=make_loggers(run_dir) if loggers else False,
