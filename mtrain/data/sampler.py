@@ -18,6 +18,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class EpochSampler(Sampler[int]):
     """Indices ``0..n-1``: shuffled by ``(seed, epoch)`` (or in order), padded to a multiple of ``num_replicas``
     (as ``DistributedSampler`` does), and this rank's share ``rank::num_replicas``. Lightning calls
@@ -32,17 +40,11 @@ class EpochSampler(Sampler[int]):
 
     @property
     def replicas(self) -> int:
-        if self._replicas is not None:
-            return self._replicas
-        dist = torch.distributed
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return self._replicas if self._replicas is not None else _world()[1]
 
     @property
     def rank(self) -> int:
-        if self._rank is not None:
-            return self._rank
-        dist = torch.distributed
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return self._rank if self._rank is not None else _world()[0]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mtrain.models.checkpoint import CheckpointError
@@ -57,6 +58,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hashes(paths: list[Path]) -> list[str]:
+    """SHA-256 of each file, several at a time (hashlib releases the GIL: a checkpoint of one shard per rank hashes
+    at about the disk's pace instead of one file after another, ~1.5 GB/s a core)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths), os.cpu_count() or 1))) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -69,8 +77,9 @@ def _sign(files: dict) -> str:
 def write_manifest(folder: str | os.PathLike) -> Path:
     """Hash every file of ``folder`` and write the signed manifest into it."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-             for p in _files(folder)}
+    paths = _files(folder)
+    files = {p.relative_to(folder).as_posix(): {"sha256": h, "bytes": p.stat().st_size}
+             for p, h in zip(paths, _hashes(paths))}
     out = folder / MANIFEST
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"format": FORMAT, "files": files, "hmac_sha256": _sign(files)}, indent=1) + "\n")
@@ -100,6 +109,9 @@ def verify_manifest(folder: str | os.PathLike) -> None:
             raise CheckpointError(refuse.format(f"{name} is not in the manifest"))
         if name not in present:
             raise CheckpointError(refuse.format(f"{name} is missing"))
-        entry, path = files[name], present[name]
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if present[name].stat().st_size != files[name]["bytes"]:
+            raise CheckpointError(refuse.format(f"{name} changed"))
+    names = sorted(present)
+    for name, h in zip(names, _hashes([present[n] for n in names])):
+        if h != files[name]["sha256"]:
             raise CheckpointError(refuse.format(f"{name} changed"))
