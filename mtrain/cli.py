@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from mtrain.config import ENV_VAR, ConfigError, parse_fd_enable_rl, prepare_run, save_resolved
 from mtrain.job.records import write_json
 from mtrain.job.run import Job, user_error
-from mtrain.parallel.launch import slurm_requeue
+from mtrain.parallel.launch import requeue_signals, slurm_requeue, slurm_restarted
 from mtrain.tasks import get_task
 
 log = logging.getLogger("mtrain")
@@ -92,6 +92,8 @@ def check_run_dir(job: Job) -> None:
     ckpt = job.cfg.task.get("ckpt_path")
     if ckpt == "auto" or (ckpt and job.dir.resolve() in Path(ckpt).resolve().parents):
         return  # it resumes this dir's run
+    if ckpt is None and slurm_restarted():
+        return  # a requeued SLURM job: it resumes its own last.ckpt (mtrain.lit.resume.resume_path)
     last = job.dir / "checkpoints" / "last.ckpt"
     resume = f" resume it with task.ckpt_path={last}," if last.exists() else ""
     raise ConfigError(f"run dir {job.dir} already holds another run's results ({', '.join(found)}); choose a new "
@@ -158,8 +160,13 @@ def interrupted(e: BaseException) -> int:
     step, ckpt = getattr(e, "mtrain_step", None), getattr(e, "mtrain_checkpoint", None)
     status = {"status": "interrupted", "signal": name, "step": step, "checkpoint": ckpt,
               "error": f"interrupted by {name} at step {step}"}
-    requeued = slurm_requeue() if name == "SIGUSR1" and ckpt and os.environ.get("RANK", "0") == "0" else None
-    if requeued:  # SLURM's warning ahead of the time limit: back in the queue, the rerun resumes (ckpt_path=auto)
+    requeued = None
+    if name in requeue_signals() and ckpt and os.environ.get("RANK", "0") == "0":
+        # SLURM's warning ahead of the time limit: back in the queue; the rerun, in this job dir, resumes. A running
+        # job that is requeued is also killed (SIGTERM, then SIGKILL after KillWait): let this exit finish first.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        requeued = slurm_requeue()
+    if requeued:
         status["requeued"] = requeued
     write_json(job_dir() / "status.json", status)
     resume = f"; requeued SLURM job {requeued}" if requeued else f"; resume with task.ckpt_path={ckpt}" if ckpt else ""

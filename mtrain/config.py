@@ -219,11 +219,17 @@ def dir_name(text: Any, limit: int = 120) -> str:
     return safe[:limit].strip(".") or "job"
 
 
+def gpus_per_node(accelerator: Any, devices: Any) -> Optional[int]:
+    """GPUs to ask a scheduler for per node: ``trainer.devices`` unless the trainer runs on the CPU (then none)."""
+    return None if str(accelerator) == "cpu" else int(devices)
+
+
 RESOLVERS = {
     "mtrain.gate_fp32": _gate_fp32_resolver,  # ${mtrain.gate_fp32:${rl.mode}}
     "mtrain.rope_fp32": _rope_fp32_resolver,  # ${mtrain.rope_fp32:${rl.mode}}
     "mtrain.dtype": dtype_for_precision,  # ${mtrain.dtype:${trainer.precision}}
     "mtrain.dir_name": dir_name,  # hydra.sweep.subdir: ${mtrain.dir_name:${hydra.job.override_dirname}}
+    "mtrain.gpus_per_node": gpus_per_node,  # hydra/launcher=slurm: ${mtrain.gpus_per_node:${trainer.accelerator},...}
 }
 
 

@@ -38,13 +38,26 @@ def model_schema(family: ModelFamily) -> type:
     cached = _MODEL_SCHEMAS.get(family.name)
     if cached is not None and cached[0] is family:
         return cached[1]
+    name = f"{family.config.__name__}Model"
     node = make_dataclass(
-        f"{family.config.__name__}Model",
+        name,
         [("name", str, family.name), ("arch", family.config, field(default_factory=family.config))],
         bases=(ModelConfig,),
     )
+    # importable by name, as ``mtrain.schema.<name>``: a config pickled for another process (the submitit and
+    # joblib launchers send each job's config) then refers to this class instead of carrying a copy of it
+    node.__module__ = __name__
+    globals()[name] = node
     _MODEL_SCHEMAS[family.name] = (family, node)
     return node
+
+
+def __getattr__(name: str) -> type:
+    """A model schema asked for by name (unpickling a config) before this process made it."""
+    for node in model_schemas().values():
+        if node.__name__ == name:
+            return node
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- rl, trainer ----------------------------------------------------------------------------------------------------

@@ -91,14 +91,18 @@ def test_killed_job_resumes_onto_the_uninterrupted_loss_curve(tmp_path, uninterr
         assert (tmp_path / "scontrol_args").read_text().split() == ["requeue", "4242"] and status["requeued"] == "4242"
     assert not (run / "metrics.json").exists()
 
-    # the rerun: same run dir, task.ckpt_path=auto finds last.ckpt (a CSV log of its own: the killed one stays)
-    (run / "csv").rename(run / "csv_killed")
+    # the rerun: same run dir, task.ckpt_path=auto finds last.ckpt; its CSV log continues the killed run's
+    killed_rows = len(losses(run))
     metrics = sft.run(prepared(*RUN, "task.ckpt_path=auto", run_dir=run))
     assert metrics["resumed_from"] == str(last)
-    resumed = losses(run)
-    assert min(resumed) == step and set(resumed) == {s for s in uninterrupted if s >= step}  # the steps left
-    for s, loss in resumed.items():  # same weights, optimizer state, schedule and batches: the same curve
+    with (run / "csv" / "metrics.csv").open() as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == sorted(set(steps)) and killed_rows >= step  # each step once: rows after the checkpoint replaced
+    curve = losses(run)
+    assert set(curve) == set(uninterrupted)  # the whole run, killed part included
+    for s, loss in curve.items():  # same weights, optimizer state, schedule and batches: the same curve
         assert loss == pytest.approx(uninterrupted[s], rel=1e-5, abs=1e-6), (s, loss, uninterrupted[s])
+    assert metrics["train_loss_first"] == pytest.approx(uninterrupted[min(uninterrupted)], rel=1e-6)  # history kept
 
 
 def test_a_write_killed_half_way_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -248,3 +252,24 @@ def test_the_checkpoint_writer_streams_to_disk_and_stays_atomic(tmp_path, monkey
     monkeypatch.setattr(torch, "save", real)
     assert torch.load(path, weights_only=True)["global_step"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_a_resumed_csv_log_keeps_the_rows_before_the_resume(tmp_path):
+    """The rows logged before the checkpoint stay; rows after it (logged again by the resumed run) and a row cut short
+    by a killed write go; without a resume the log starts afresh (Lightning's behaviour)."""
+    from mtrain.lit.csvlog import KeepingCSVLogger
+
+    log = tmp_path / "csv" / "metrics.csv"
+    old = "epoch,step,train/loss\n0,0,4.0\n0,1,3.5\n0,2,3.0\n0,3,2.9\n0,1"  # the last: "0,13,2.8" cut short
+    for keep, expected in ((True, [("0", "4.0"), ("1", "3.5"), ("2", "2.5"), ("3", "2.4")]),
+                           (False, [("2", "2.5"), ("3", "2.4")])):
+        log.parent.mkdir(exist_ok=True)
+        log.write_text(old)
+        logger = KeepingCSVLogger(save_dir=str(tmp_path), name="csv", version="", keep=keep)
+        logger.log_metrics({"train/loss": 2.5, "lr": 0.1}, step=2)
+        logger.log_metrics({"train/loss": 2.4, "lr": 0.1}, step=3)
+        logger.save()
+        with log.open() as f:
+            rows = list(csv.DictReader(f))
+        assert [(r["step"], r["train/loss"]) for r in rows] == expected
+        assert [r["lr"] for r in rows][-2:] == ["0.1", "0.1"]

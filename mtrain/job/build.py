@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +20,7 @@ from mtrain.models import CheckpointError, MoECausalLM, PrecisionPolicy, build_m
 from mtrain.models.checkpoint import dtype_of
 from mtrain.models.config import MoEConfig
 from mtrain.models.flops import active_params_per_token
-from mtrain.parallel.launch import check_launch
+from mtrain.parallel.launch import check_launch, slurm_cpus_per_task
 from mtrain.parallel.lightning import FSDPPlan, plan_for, uses_fsdp
 
 from .run import Job
@@ -139,6 +140,10 @@ def start_job(job: Job) -> Setup:
     """What every Lightning task does first: make the run dir, seed everything, build data + model, apply the
     precision policy to the matmul backends."""
     job.dir.mkdir(parents=True, exist_ok=True)
+    threads = slurm_cpus_per_task()
+    if threads and "OMP_NUM_THREADS" not in os.environ:  # the CPUs SLURM gave this task, not the whole node's
+        torch.set_num_threads(threads)
+        log.info("SLURM: %d CPU thread(s) per task (--cpus-per-task)", threads)
     L.seed_everything(job.cfg.seed, verbose=False)
     s = build_setup(job)
     job.plan.policy.apply_backends(s.cuda)

@@ -15,11 +15,13 @@ from typing import Optional, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mtrain.lit.csvlog import KeepingCSVLogger
 from mtrain.lit.errors import TrainingDiverged
 from mtrain.lit.manifest import write_manifest
+from mtrain.parallel.launch import requeue_signals
 from mtrain.plots import figure, smooth
 
 log = logging.getLogger("mtrain")
@@ -71,9 +73,10 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
-def make_loggers(run_dir: Path) -> list[Logger]:
-    """CSV logs in ``<run dir>/csv/metrics.csv``; TensorBoard in ``<run dir>/tensorboard/`` if it is installed."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+def make_loggers(run_dir: Path, resume: bool = False) -> list[Logger]:
+    """CSV logs in ``<run dir>/csv/metrics.csv`` (a resumed run continues them); TensorBoard in
+    ``<run dir>/tensorboard/`` if it is installed."""
+    loggers: list[Logger] = [KeepingCSVLogger(save_dir=str(run_dir), name="csv", version="", keep=resume)]
     if tensorboard_available():
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False))
     return loggers
@@ -118,6 +121,8 @@ class LastCheckpoint(Callback):
             raise TrainingDiverged(f"the weights hold non-finite values at step {trainer.global_step}; not "
                                    f"checkpointed (the last good checkpoint, if any, stays in {self.dir}). Fix: lower "
                                    "task.lr or set trainer.gradient_clip_val")
+        for logger in trainer.loggers:  # the logs on disk reach at least as far as the checkpoint (kill -9 included)
+            logger.save()
         tmp = self.dir / f".{self.NAME}.tmp"
         trainer.save_checkpoint(str(tmp), weights_only=False)  # + optimizer state; collective under FSDP, then a barrier
         if trainer.is_global_zero:
@@ -150,16 +155,15 @@ class LastCheckpoint(Callback):
 
 
 class StopOnSignal(Callback):
-    """SIGUSR1 (what SLURM sends ahead of a time limit or preemption with ``--signal=USR1@<s>``) stops the fit the way
+    """SIGUSR1 (what SLURM sends ahead of a time limit or preemption with ``--signal=USR1@<s>``) -- and in a job
+    started by submitit (``hydra/launcher=slurm``) submitit's own time-limit signal, SIGUSR2 -- stops the fit the way
     SIGTERM does: Lightning ends the current step and raises ``SIGTERMException``, :class:`LastCheckpoint` writes
     ``last.ckpt`` at that step, and the exception records which signal arrived (``mtrain_signal``) for the CLI's
-    ``status.json`` and exit code (128 + the signal's number).
+    ``status.json``, the requeue and the exit code (128 + the signal's number).
 
-    The handler is installed at setup, before Lightning registers its own: Lightning's SLURM auto-requeue handler
-    (which would requeue without mtrain's status record) then stands aside. The previous handler is restored at
-    teardown."""
-
-    SIGNALS = ("SIGUSR1",)
+    The handlers are installed at setup, before Lightning registers its own: Lightning's SLURM auto-requeue handler
+    and submitit's (each would requeue without a checkpoint at the current step or mtrain's status record) stand
+    aside. The previous handlers are restored at teardown."""
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
@@ -167,7 +171,7 @@ class StopOnSignal(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.received = None
-        for name in self.SIGNALS:
+        for name in requeue_signals():
             sig = getattr(signal, name, None)
             if sig is not None and stage == "fit":
                 self._previous[sig] = signal.signal(sig, self._handler(trainer, name))

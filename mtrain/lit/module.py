@@ -292,6 +292,16 @@ class MoELitModule(L.LightningModule):
         if self.trainer.state.fn == "fit":
             self.history["val"].append((self.global_step, loss))
 
+    # -- checkpoint ----------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The loss history rides in the checkpoint: a resumed run's curve and ``train_loss_first`` start at step 1."""
+        checkpoint["mtrain_history"] = {"train": self.train_losses(),
+                                        "val": [(s, float(v)) for s, v in self.history["val"]]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("mtrain_history") or {}
+        self.history = {k: [(int(s), float(v)) for s, v in saved.get(k, [])] for k in ("train", "val")}
+
     # -- results -------------------------------------------------------------------------------------------------
     def train_losses(self) -> list[tuple[int, float]]:
         """(global step, loss) of every training batch of this run, as floats."""

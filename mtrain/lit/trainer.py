@@ -65,10 +65,12 @@ def build_trainer(
     save_top_k: int = 1,
     checkpoint_every: Optional[int] = None,
     loggers: bool = True,
+    resume: bool = False,
     multirun: bool = False,
     **overrides: Any,
 ) -> L.Trainer:
-    """A ``lightning.Trainer`` from ``cfg.trainer`` (its keys are Trainer kwargs) with the run's loggers/callbacks."""
+    """A ``lightning.Trainer`` from ``cfg.trainer`` (its keys are Trainer kwargs) with the run's loggers/callbacks;
+    ``resume``: the fit resumes a checkpoint (the CSV log continues the run dir's own)."""
     quiet_lightning()
     kw: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     kw.update(overrides)
@@ -90,7 +92,7 @@ def build_trainer(
         kw["plugins"] = [StreamingCheckpointIO()]
     return L.Trainer(
         default_root_dir=str(run_dir),
-        logger=make_loggers(run_dir) if loggers else False,
+        logger=make_loggers(run_dir, resume) if loggers else False,
         callbacks=cbs,
         enable_checkpointing=checkpoint,
         enable_model_summary=False,  # the tasks log their own one-line summary (total and active parameters)

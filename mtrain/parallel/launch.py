@@ -65,6 +65,35 @@ def check_launch(devices: Any, num_nodes: int = 1, *, multirun: bool, accelerato
     return None
 
 
+# the signal submitit's SLURM jobs get ahead of their time limit (``#SBATCH --signal=USR2@<s>``; its env var renames it)
+SUBMITIT_SIGNAL_VAR = "SUBMITIT_PREEMPT_SIGNAL"
+
+
+def requeue_signals(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The signals that mean "checkpoint now, then back in the queue": SIGUSR1 (``sbatch --signal=USR1@<s>``,
+    Lightning's default) and, in a job started by submitit (``hydra/launcher=slurm``), submitit's own (SIGUSR2)."""
+    env = os.environ if environ is None else environ
+    names = ["SIGUSR1"]
+    if env.get("SUBMITIT_EXECUTOR") == "slurm":
+        names.append("SIG" + env.get(SUBMITIT_SIGNAL_VAR, "USR2").upper().removeprefix("SIG"))
+    return tuple(dict.fromkeys(names))
+
+
+def slurm_restarted(environ: Mapping[str, str] | None = None) -> bool:
+    """True in a SLURM job that was requeued (``SLURM_RESTART_COUNT`` > 0): its run dir holds its own checkpoint."""
+    env = os.environ if environ is None else environ
+    count = env.get("SLURM_RESTART_COUNT", "0")
+    return count.isdigit() and int(count) > 0
+
+
+def slurm_cpus_per_task(environ: Mapping[str, str] | None = None) -> int | None:
+    """The CPUs SLURM gave each task (``--cpus-per-task``), or None outside SLURM. torch sizes its thread pool from
+    the machine, not the allocation: two jobs sharing a node would each run as many threads as the node has."""
+    env = os.environ if environ is None else environ
+    n = env.get("SLURM_CPUS_PER_TASK", "")
+    return int(n) if env.get("SLURM_JOB_ID") and n.isdigit() and int(n) > 0 else None
+
+
 def slurm_requeue(environ: Mapping[str, str] | None = None) -> str | None:
     """Under SLURM, put this job back in the queue (``scontrol requeue``, what Lightning's SLURM auto-requeue does
     on SIGUSR1); call on rank 0 after the checkpoint is written. Its rerun lands in the same job dir and continues

@@ -72,7 +72,8 @@ def run(job: Job) -> dict[str, Any]:
     has_val = dm.val_set is not None
     curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
     trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], save_top_k=t.save_top_k,
-                            checkpoint_every=t.checkpoint_every_n_steps or None, multirun=job.multirun)
+                            checkpoint_every=t.checkpoint_every_n_steps or None, resume=bool(ckpt),
+                            multirun=job.multirun)
     t_fit = time.perf_counter()
     trainer.fit(lit, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     t_after = time.perf_counter()
