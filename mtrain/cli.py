@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from mtrain.config import ENV_VAR, ConfigError, parse_fd_enable_rl, prepare_run, save_resolved
-from mtrain.job.records import write_json
+from mtrain.job.records import interruptions, write_json
 from mtrain.job.run import Job, user_error
 from mtrain.parallel.launch import requeue_signals, slurm_requeue, slurm_restarted
 from mtrain.tasks import get_task
@@ -160,6 +160,9 @@ def interrupted(e: BaseException) -> int:
     step, ckpt = getattr(e, "mtrain_step", None), getattr(e, "mtrain_checkpoint", None)
     status = {"status": "interrupted", "signal": name, "step": step, "checkpoint": ckpt,
               "error": f"interrupted by {name} at step {step}"}
+    past = interruptions(job_dir() / "status.json")
+    if past:
+        status["interruptions"] = past
     requeued = None
     if name in requeue_signals() and ckpt and os.environ.get("RANK", "0") == "0":
         # SLURM's warning ahead of the time limit: back in the queue; the rerun, in this job dir, resumes. A running

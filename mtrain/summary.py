@@ -26,6 +26,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mtrain.job.records import interruptions, write_json
+
 log = logging.getLogger("mtrain")
 
 STATUS_FILE = "status.json"
@@ -70,6 +72,8 @@ def collect(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
             "status": status.get("status"),
             "error": status.get("error") or "",
         }
+        if status.get("interruptions"):  # stopped (preempted, time limit) and resumed this many times
+            row["interruptions"] = len(status["interruptions"])
         metrics = _read_json(d / METRICS_FILE) or {}
         row.update({k: v for k, v in _scalars(metrics).items() if k not in FIXED})
         row["dir"] = d.name
@@ -150,8 +154,10 @@ class SweepSummary(Callback):
             "error": _error_line(err) if isinstance(err, BaseException) else "",
         }
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / STATUS_FILE).write_text(json.dumps(status, indent=2) + "\n")
+            past = interruptions(out / STATUS_FILE)  # a requeued job's earlier attempts
+            if past:
+                status["interruptions"] = past
+            write_json(out / STATUS_FILE, status)
             if hc.mode == RunMode.MULTIRUN:
                 csv_path, _, rows = write_summary(hc.sweep.dir)
                 log.info("sweep summary (%d jobs so far): %s", len(rows), csv_path)

@@ -67,6 +67,35 @@ def run_cli(
     )
 
 
+# trainer=fsdp on CPU (gloo) through Lightning, for tests/test_parallel.py (torchrun) and tests/test_slurm.py (SLURM).
+# 24 train rows: an epoch is 3 steps of a global batch of 8 (4 per rank on 2 ranks), so the step-3 checkpoint sits
+# at an epoch boundary (mid-epoch resumes: tests/test_faults.py). rl=on: fp32 gates in their own
+# FSDP units; 32-true so that 1 and 2 processes agree to float rounding.
+LIT = [
+    "task=sft", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_steps=6",
+    "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "rl=on",
+    "data.num_train=24", "data.num_val=16", "task.warmup_steps=0", "task.save_top_k=2", "task.accuracy=false",
+]
+
+
+def train_losses(run: Path) -> list[float]:
+    """The train loss of every logged step, from a run dir's CSV log."""
+    import csv
+
+    with (run / "csv" / "metrics.csv").open() as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.fixture(scope="session")
+def fsdp_one_process(tmp_path_factory) -> Path:
+    """The run dir of ``LIT`` on one process with the whole global batch: what 2 ranks must match."""
+    root = tmp_path_factory.mktemp("fsdp_one")
+    r = run_cli([*LIT, "trainer.devices=1", "data.batch_size=8", f"hydra.run.dir={root / 'one'}"], cwd=root,
+                timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return root / "one"
+
+
 @pytest.fixture
 def compose_config():
     """``compose_config(overrides, return_hydra_config=False)`` -> composed (unresolved) DictConfig."""

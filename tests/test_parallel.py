@@ -19,6 +19,8 @@ import torch
 from mtrain.models import save_pretrained
 from mtrain.models import PrecisionPolicy
 
+from conftest import LIT, train_losses
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STEPS, BATCH, SEQ, LR = 6, 4, 16, 1e-2
 
@@ -306,25 +308,8 @@ def test_multirun_with_several_devices_is_refused_without_torchrun(monkeypatch):
 # trainer=fsdp through Lightning (ModelParallelStrategy) and the CLI
 # ---------------------------------------------------------------------------------------------------------------
 
-# 24 train rows: an epoch is 3 steps of a global batch of 8 (4 per rank on 2 ranks), so the step-3 checkpoint sits
-# at an epoch boundary (mid-epoch resumes: tests/test_faults.py). rl=on: fp32 gates in their own
-# FSDP units; 32-true so that 1 and 2 processes agree to float rounding.
-LIT = [
-    "task=sft", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_steps=6",
-    "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "rl=on",
-    "data.num_train=24", "data.num_val=16", "task.warmup_steps=0", "task.save_top_k=2", "task.accuracy=false",
-]
-
-
-def _train_losses(run: Path) -> list[float]:
-    import csv
-
-    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
-    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-
-
 @pytest.fixture(scope="module")
-def lightning_runs(tmp_path_factory):
+def lightning_runs(tmp_path_factory, fsdp_one_process):
     """`torchrun -m mtrain trainer=fsdp trainer.devices=2` for 6 steps; the same on one process (devices=1, the
     whole global batch); 2 processes resuming the first run's step-3 distributed checkpoint; 1 process resuming it."""
     root = tmp_path_factory.mktemp("lit")
@@ -332,10 +317,6 @@ def lightning_runs(tmp_path_factory):
                    cwd=root)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-6000:]
     ckpt = next((root / "two" / "checkpoints").glob("best-step000003-*.ckpt"))
-    one = subprocess.run([sys.executable, "-m", "mtrain", *LIT, "trainer.devices=1", "data.batch_size=8",
-                          f"hydra.run.dir={root / 'one'}"], cwd=root, env=_env(), capture_output=True, text=True,
-                         timeout=180)
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-6000:]
     resumed = torchrun(["-m", "mtrain", *LIT, "trainer.devices=2", "data.batch_size=4", f"task.ckpt_path={ckpt}",
                         f"hydra.run.dir={root / 'resumed'}"], cwd=root)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
@@ -344,15 +325,15 @@ def lightning_runs(tmp_path_factory):
                                f"task.ckpt_path={ckpt}", f"hydra.run.dir={root / 'resharded'}"], cwd=root, env=_env(),
                               capture_output=True, text=True, timeout=180)
     assert one_more.returncode == 0, one_more.stdout[-3000:] + one_more.stderr[-6000:]
-    return root, two, ckpt
+    return root, two, ckpt, fsdp_one_process
 
 
 def test_lightning_two_processes_match_one_process(lightning_runs):
-    root, two, _ = lightning_runs
+    root, two, _, one = lightning_runs
     # torchrun's two processes are the two ranks: Lightning launched nothing itself
     log = two.stdout + two.stderr
     assert log.count("MEMBER: 1/2") >= 1 and log.count("MEMBER: 2/2") >= 1 and "MEMBER: 3/" not in log
-    a, b = _train_losses(root / "two"), _train_losses(root / "one")
+    a, b = train_losses(root / "two"), train_losses(one)
     assert len(a) == len(b) == 6 and a[-1] < a[0] - 0.3
     # variable answer lengths: equal only because each rank's loss is weighted by its share of the target tokens
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
@@ -361,13 +342,13 @@ def test_lightning_two_processes_match_one_process(lightning_runs):
 
 
 def test_lightning_resumes_distributed_checkpoint_identically(lightning_runs):
-    root, _, ckpt = lightning_runs
+    root, _, ckpt, _ = lightning_runs
     assert ckpt.is_dir() and sorted(p.name for p in ckpt.iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt", "mtrain_manifest.json"]  # signed by mtrain
-    full, resumed = _train_losses(root / "two"), _train_losses(root / "resumed")
+    full, resumed = train_losses(root / "two"), train_losses(root / "resumed")
     assert len(resumed) == 3
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[3:]), rtol=1e-6, atol=1e-6)
-    resharded = _train_losses(root / "resharded")  # 2 ranks saved it, 1 process resumed it
+    resharded = train_losses(root / "resharded")  # 2 ranks saved it, 1 process resumed it
     torch.testing.assert_close(torch.tensor(resharded), torch.tensor(full[3:]), rtol=1e-5, atol=1e-5)
     assert json.loads((root / "resumed" / "metrics.json").read_text())["resumed_from"] == str(ckpt)
 
@@ -375,12 +356,12 @@ def test_lightning_resumes_distributed_checkpoint_identically(lightning_runs):
 def test_lightning_streamed_export(lightning_runs):
     from mtrain.models import from_pretrained
 
-    root, _, _ = lightning_runs
+    root, _, _, one = lightning_runs
     ids = torch.arange(20).remainder(16).view(2, 10)
     logits = {}
-    for run in ("two", "resumed", "one"):
-        model = from_pretrained(root / run / "hf_model", policy=PrecisionPolicy(True), gate_mismatch="error")
-        assert model.gate_dtype() == torch.float32 and (root / run / "hf_model" / "tokenizer.json").is_file()
+    for run, path in (("two", root / "two"), ("resumed", root / "resumed"), ("one", one)):
+        model = from_pretrained(path / "hf_model", policy=PrecisionPolicy(True), gate_mismatch="error")
+        assert model.gate_dtype() == torch.float32 and (path / "hf_model" / "tokenizer.json").is_file()
         with torch.no_grad():
             logits[run] = model(ids)
     torch.testing.assert_close(logits["resumed"], logits["two"], rtol=0, atol=1e-6)

@@ -26,3 +26,16 @@ def write_json(path: Path, data: dict) -> Path:
     tmp.write_text(json.dumps(clean(data), indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def interruptions(status_path: Path) -> list[dict]:
+    """The interruptions a job dir's ``status.json`` holds so far, oldest first: its earlier record's own list plus
+    that record if it says ``interrupted``. A requeued or resumed job keeps them in its next ``status.json``."""
+    try:
+        old = json.loads(Path(status_path).read_text())
+    except (OSError, ValueError):
+        return []
+    past = list(old.get("interruptions") or [])
+    if old.get("status") == "interrupted":
+        past.append({k: v for k, v in old.items() if k not in ("job", "overrides", "status", "interruptions")})
+    return past

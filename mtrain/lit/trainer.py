@@ -27,6 +27,10 @@ _QUIET = (
     r".*when logging on epoch level in distributed setting to accumulate the metric across devices.*",
     # trainer=fsdp: last.ckpt is a distributed-checkpoint folder, rewritten in place on purpose
     r".*Detected an existing checkpoint in .*overwriting since self.overwrite=True.*",
+    # a one-process run on a SLURM login/compute node: srun is there but not needed (multi-process: launch.py checks)
+    r".*The `srun` command is available on your system but is not used.*",
+    # resumed into its own run dir, a job continues its log and checkpoints (mtrain.lit.csvlog, LastCheckpoint)
+    r".*Checkpoint directory .* exists and is not empty.*",
 )
 
 
