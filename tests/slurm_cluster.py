@@ -10,6 +10,7 @@ installs them) and root (slurmd starts jobs as their user).
 
 from __future__ import annotations
 
+import getpass
 import os
 import secrets
 import shutil
@@ -80,6 +81,12 @@ class SlurmCluster:
         return self
 
     def stop(self) -> None:
+        """Cancel what still runs (slurmd's job steps would outlive it), then stop the daemons."""
+        if self._procs.get("slurmctld") is not None and self._procs["slurmctld"].poll() is None:
+            self.run("scancel", "--full", f"--user={getpass.getuser()}", check=False)
+            deadline = time.time() + 30
+            while time.time() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+                time.sleep(0.2)
         for name in reversed(DAEMONS):
             p = self._procs.pop(name, None)
             if p is None or p.poll() is not None:

@@ -222,6 +222,14 @@ def test_hydra_dirs(compose_config):
     assert "${hydra.job.num}" in OmegaConf.to_container(hcfg.sweep, resolve=False)["subdir"]
 
 
+def test_a_resumed_sweep_lands_in_the_same_job_dirs(compose_config):
+    """Re-running a stopped sweep with ``task.ckpt_path=auto`` (README: On a SLURM cluster) must name each job's dir
+    as before, or no job would find its checkpoint."""
+    names = {compose_config(o, return_hydra_config=True).hydra.job.override_dirname
+             for o in (["task.lr=1e-3"], ["task.lr=1e-3", "task.ckpt_path=auto"], ["task.overwrite=true", "task.lr=1e-3"])}
+    assert names == {"task.lr=1e-3"}
+
+
 @pytest.mark.parametrize(
     "overrides,key",
     [
