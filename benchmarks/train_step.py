@@ -6,7 +6,9 @@ step (fwd+bwd) and eval forward, identical random weights, same shapes and dtype
 
 Checks numerics first and stops when they fail (mtrain's logits, loss and gradient errors against an fp32 reference
 must be no larger than transformers' own bf16 errors, with a margin), then prints tokens/s, TFLOP/s, MFU, peak memory
-and the ratios to transformers eager and compiled, for rl=on and rl=off. MFU is the project's one definition: model
+and the ratios to transformers eager and compiled, for rl=on and rl=off, and to transformers + Liger kernels (eager;
+``--liger``: what a user adds with one call, ``apply_liger_kernel_to_<family>()``; run last, since Liger patches
+transformers' modules in place; a family Liger has no patch for is skipped with a note). MFU is the project's one definition: model
 FLOPs (``mtrain.models.flops``) over the card's dense bf16 spec peak (989 TFLOP/s on H100/H200); the dense matmul rate
 measured in the same run is printed beside it. Appends one JSON line per case to benchmarks/results.jsonl (and $OUT).
 """
@@ -126,6 +128,28 @@ def hf_reference(cfg, state, ids, targets, compiled: bool):
         free()
 
 
+# Liger's one-call patch per shape's family (liger-kernel 0.8.5 has none for GLM4-MoE)
+LIGER_PATCH = {"qwen3_30b_a3b": "apply_liger_kernel_to_qwen3_moe", "glm45_air": "apply_liger_kernel_to_glm4_moe"}
+
+
+def liger_reference(shape: str, cfg, state, ids, targets):
+    """transformers + Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy: the patch's defaults), eager:
+    tokens/s and peak GiB, or None and why (no patch for the family, not installed, or it failed)."""
+    try:
+        import liger_kernel
+        import liger_kernel.transformers as lk
+    except ImportError as e:
+        return None, f"liger-kernel not installed ({e})"
+    patch = getattr(lk, LIGER_PATCH.get(shape, ""), None)
+    if patch is None:
+        return None, f"liger-kernel {getattr(liger_kernel, '__version__', '')} has no patch for {shape}'s family".replace("  ", " ")
+    try:
+        patch()
+        return hf_reference(cfg, state, ids, targets, compiled=False)[0], None
+    except Exception as e:  # noqa: BLE001  (a failure is a result: recorded with its reason)
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
 def bench_train(shape: str, args, peak_tflops: float, matmul: float) -> list[dict]:
     cfg = mtrain_config(shape, args.layers)
     ids, targets = batch(cfg, args.batch, args.seq, "cuda")
@@ -155,7 +179,12 @@ def bench_train(shape: str, args, peak_tflops: float, matmul: float) -> list[dic
         else:
             print(f"  {shape} transformers compiled: {refs['compiled'][0]:,.0f} tok/s, peak {refs['compiled'][1]:.1f} "
                   "GiB", flush=True)
-    ref, cref = refs["eager"], refs.get("compiled")
+    if args.liger:
+        refs["liger"], why["liger"] = liger_reference(shape, cfg, state, ids, targets)
+        lr = refs["liger"]
+        print(f"  {shape} transformers + Liger: " + (f"{lr[0]:,.0f} tok/s, peak {lr[1]:.1f} GiB" if lr
+                                                       else f"skipped ({why['liger']})"), flush=True)
+    ref, cref, lref = refs["eager"], refs.get("compiled"), refs.get("liger")
     rows = []
     for name, (tps, mem) in results.items():
         rows.append(dict(
@@ -168,6 +197,8 @@ def bench_train(shape: str, args, peak_tflops: float, matmul: float) -> list[dic
             ref_mfu=round(ref[0] * fpt / 1e12 / peak_tflops, 3), peak_tflops_spec=peak_tflops,
             matmul_tflops_measured=round(matmul, 1), mtrain_peak_gib=round(mem, 2), ref_peak_gib=round(ref[1], 2),
             ref_compiled_peak_gib=round(cref[1], 2) if cref else None,
+            liger_tok_s=round(lref[0]) if lref else None, ratio_vs_liger=round(tps / lref[0], 3) if lref else None,
+            liger_peak_gib=round(lref[1], 2) if lref else None, liger_error=why.get("liger"),
         ))
     return rows
 
@@ -236,6 +267,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="also time mtrain with torch.compile'd decoder layers")
+    p.add_argument("--liger", action="store_true", help="also time transformers + Liger kernels (needs liger-kernel)")
     p.add_argument("--eval-layers", type=int, default=0, help="also time eval forward at this depth (Qwen3 shape)")
     p.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results.jsonl")
     args = p.parse_args()
@@ -257,13 +289,16 @@ def main():
     if not args.no_save:
         append_results(rows)
     print(f"\n{'bench':12} {'shape':14} {'L':>3} {'variant':16} {'mtrain tok/s':>13} {'ref tok/s':>10} {'ratio':>6} "
-          f"{'ref compiled':>12} {'ratio':>6} {'MFU':>6} {'ref MFU':>7} {'peak GiB':>9} {'ref GiB':>8}")
+          f"{'ref compiled':>12} {'ratio':>6} {'Liger':>7} {'ratio':>6} {'MFU':>6} {'ref MFU':>7} {'peak GiB':>9} "
+          f"{'ref GiB':>8} {'Liger GiB':>9}")
     for r in rows:
         rc, rr = r.get("ref_compiled_tok_s"), r.get("ratio_vs_compiled")
+        lt, lrat, lg = r.get("liger_tok_s"), r.get("ratio_vs_liger"), r.get("liger_peak_gib")
         print(f"{r['bench']:12} {r['shape']:14} {r['layers']:>3} {r['variant']:16} {r['mtrain_tok_s']:>13,} "
               f"{r['ref_tok_s']:>10,} {r['ratio']:>6.2f} {rc if rc else '-':>12} {rr if rr else '-':>6} "
+              f"{lt if lt else '-':>7} {lrat if lrat else '-':>6} "
               f"{r['mfu']:>6.1%} {r.get('ref_mfu', float('nan')):>7.1%} "
-              f"{r['mtrain_peak_gib']:>9.1f} {r['ref_peak_gib']:>8.1f}")
+              f"{r['mtrain_peak_gib']:>9.1f} {r['ref_peak_gib']:>8.1f} {lg if lg else '-':>9}")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-import mtrain  # noqa: F401  (registers resolvers + schemas)
-from mtrain.cli import config_dir
+# One torch thread per test process (inherited by the jobs tests start): the suite runs in two workers
+# (pytest -n 2, README), and two processes spinning two OpenMP threads each on 2 cores slow each other down many
+# times over. Before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import mtrain  # noqa: F401,E402  (registers resolvers + schemas)
+from mtrain.cli import config_dir  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = config_dir()

@@ -273,3 +273,15 @@ def test_a_resumed_csv_log_keeps_the_rows_before_the_resume(tmp_path):
             rows = list(csv.DictReader(f))
         assert [(r["step"], r["train/loss"]) for r in rows] == expected
         assert [r["lr"] for r in rows][-2:] == ["0.1", "0.1"]
+
+
+def test_the_signals_that_requeue_a_slurm_job():
+    """SIGUSR1 always (``sbatch --signal=USR1@<s>``); in a job submitit started (hydra/launcher=slurm) also its own
+    time-limit signal, SIGUSR2 unless renamed. tests/test_slurm.py sends SIGUSR2 to a live job."""
+    from mtrain.parallel.launch import requeue_signals, slurm_restarted
+
+    assert requeue_signals({}) == ("SIGUSR1",)
+    assert requeue_signals({"SUBMITIT_EXECUTOR": "slurm"}) == ("SIGUSR1", "SIGUSR2")
+    assert requeue_signals({"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_PREEMPT_SIGNAL": "USR1"}) == ("SIGUSR1",)
+    assert requeue_signals({"SUBMITIT_EXECUTOR": "local"}) == ("SIGUSR1",)
+    assert slurm_restarted({"SLURM_RESTART_COUNT": "1"}) and not slurm_restarted({"SLURM_RESTART_COUNT": "0"})

@@ -1,7 +1,8 @@
 """SLURM for real: a one-node cluster (``slurmctld`` + ``slurmd`` + ``munged``, tests/slurm_cluster.py) brought up
-for this module; sweeps submitted through ``hydra/launcher=slurm`` (submitit), a 2-task FSDP job, and jobs preempted
-mid-training -- by SLURM's time-limit signals and by ``scontrol requeue`` -- that are requeued and finish on the
-uninterrupted run's loss curve. Skipped, with the reason, where SLURM is not installed (``.ci/run`` installs it)."""
+for this module; a sweep submitted through ``hydra/launcher=slurm`` (submitit) whose jobs are preempted mid-training
+-- by submitit's time-limit signal and by ``scontrol requeue`` -- requeued, and finish on the uninterrupted run's loss
+curve, beside a job that fails; a 2-task FSDP job. Skipped, with the reason, where SLURM is not installed
+(``.ci/run`` installs it)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,11 @@ def cluster(tmp_path_factory):
 
 
 def env(cluster: SlurmCluster) -> dict[str, str]:
-    return cluster.env({**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    """The submitting command's environment; without the suite's OMP_NUM_THREADS, so the jobs size torch's threads
+    from their allocation as on a cluster."""
+    out = cluster.env({**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    out.pop("OMP_NUM_THREADS", None)
+    return out
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -50,31 +55,6 @@ def our_jobs(cluster: SlurmCluster, workdir: Path, timeout: float = 60) -> list[
         if time.time() > deadline or not any(j["JobState"] in ("RUNNING", "COMPLETING", "PENDING") for j in jobs):
             return jobs
         time.sleep(0.2)
-
-
-def test_sweep_jobs_run_as_slurm_jobs_and_a_failed_job_shows_its_error(cluster, tmp_path):
-    sweep = tmp_path / "sweep"
-    r = run_cli(["-m", *LAUNCH, "hydra.launcher.cpus_per_task=1", "trainer.max_steps=12", "trainer.log_every_n_steps=1",
-                 "trainer.val_check_interval=6", "data.num_train=256", "data.num_val=32", "data.batch_size=32",
-                 "task.accuracy=false", "task.export=false", f"hydra.sweep.dir={sweep}", "task.lr=1e-3,3e-3,-1"],
-                cwd=tmp_path, env=env(cluster), timeout=300)
-    assert r.returncode != 0, "a failed job fails the sweep"
-    assert "task.lr=-1.0 must be > 0" in r.stderr, r.stderr[-3000:] + cluster.logs()
-    with (sweep / "summary.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert [(row["job"], row["status"]) for row in rows] == [("0", "ok"), ("1", "ok"), ("2", "failed")], rows
-    assert rows[2]["error"] == "ConfigError: task.lr=-1.0 must be > 0 (the peak learning rate)"
-    dirs = job_dirs(sweep)
-    for row, d in zip(rows[:2], dirs):
-        assert row["steps"] == "12" and float(row["train_loss_last"]) < float(row["train_loss_first"])
-        assert json.loads((d / "metrics.json").read_text())["steps"] == 12 and (d / "checkpoints" / "last.ckpt").is_file()
-        # inside a SLURM job: torch sized to the task's one CPU, not to the node (two jobs shared its 2 CPUs)
-        assert "SLURM: 1 CPU thread(s) per task" in (d / "mtrain.log").read_text()
-    assert rows[0]["train_loss_last"] != rows[1]["train_loss_last"]  # each job its own learning rate
-    # the controller ran them: one array task per sweep job, all ended (the failed one inside its Hydra job)
-    ours = our_jobs(cluster, tmp_path)
-    assert sorted(j.get("ArrayTaskId") for j in ours) == ["0", "1", "2"], ours
-    assert {j["JobState"] for j in ours} == {"COMPLETED"} and {j["NumCPUs"] for j in ours} == {"1"}
 
 
 def test_two_task_fsdp_job_matches_one_process(cluster, tmp_path, fsdp_one_process):
@@ -92,34 +72,34 @@ def test_two_task_fsdp_job_matches_one_process(cluster, tmp_path, fsdp_one_proce
     assert (job["NumTasks"], job["JobState"]) == ("2", "COMPLETED")
 
 
-def _wait(what: str, ready, timeout: float, p: subprocess.Popen, cluster: SlurmCluster):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = ready()
-        if value:
-            return value
-        if p.poll() is not None:
-            break
-        time.sleep(0.05)
-    p.kill()
-    out, err = p.communicate()
-    raise AssertionError(f"{what}: not within {timeout} s\n{err[-3000:]}\n{cluster.logs()}")
+# the sweep: what each job's learning rate is, and how it is stopped mid-training. USR2 is submitit's time-limit
+# signal (what hydra/launcher=slurm asks for; SIGUSR1 from `--signal=USR1@<s>` takes the same path: test_faults.py);
+# `scontrol requeue` is the scheduler taking the node back (SIGTERM); the third job fails.
+JOBS = {0: ("3e-3", "USR2"), 1: ("1e-3", "requeue"), 2: ("-1", None)}
 
 
-# how each job of the preempted sweep is stopped: USR1 is ``sbatch --signal=USR1@<s>``'s time-limit warning, USR2
-# submitit's own (what hydra/launcher=slurm asks for), ``scontrol requeue`` the scheduler taking the node back (SIGTERM)
-STOPS = {0: "USR1", 1: "USR2", 2: "requeue"}
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, uninterrupted) -> dict[str, dict[int, float]]:
+    """The loss curve of each job's training, run once here without interruption (RUN's learning rate is 3e-3)."""
+    from test_sft import prepared
+
+    from mtrain.tasks import sft
+
+    run = tmp_path_factory.mktemp("uninterrupted_lr1e-3")
+    sft.run(prepared(*RUN, "task.lr=1e-3", run_dir=run))
+    return {"3e-3": uninterrupted, "1e-3": losses(run)}
 
 
-def test_preempted_sweep_is_requeued_and_each_job_ends_on_the_uninterrupted_curve(cluster, tmp_path, uninterrupted):
-    """A sweep of 3 jobs with the same training (only the checkpoint interval differs), each stopped mid-training its
-    own way. Each writes last.ckpt at the current step and goes back in the queue (mtrain requeues itself on
-    USR1/USR2); its rerun resumes in the same job dir -- no ``task.ckpt_path`` given -- and ends where the
-    uninterrupted run ends, step for step. The sweep then finishes as if nothing happened."""
+def test_sweep_preempted_and_requeued_on_slurm(cluster, tmp_path, references):
+    """A 3-job sweep through hydra/launcher=slurm: each job a task of a SLURM job array on the cluster's node, one CPU
+    each. Two are stopped mid-training (see JOBS): each writes last.ckpt at the current step and goes back in the
+    queue (mtrain requeues itself on USR2); the rerun resumes in the same job dir -- no ``task.ckpt_path`` given --
+    and ends on its uninterrupted loss curve, step for step. The third fails: the sweep lists it with its error and
+    exits non-zero, the others' results stand."""
     sweep = tmp_path / "sweep"
     p = subprocess.Popen([sys.executable, "-m", "mtrain", "-m", *LAUNCH, "hydra.launcher.cpus_per_task=1", *RUN,
-                          "task.checkpoint_every_n_steps=5,6,7", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
-                         env=env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          f"task.lr={','.join(lr for lr, _ in JOBS.values())}", f"hydra.sweep.dir={sweep}"],
+                         cwd=tmp_path, env=env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stopped: dict[int, tuple[str, Path]] = {}  # job number -> (SLURM job id, its last.ckpt when stopped)
     released: set[str] = set()
     deadline = time.time() + 400
@@ -128,12 +108,13 @@ def test_preempted_sweep_is_requeued_and_each_job_ends_on_the_uninterrupted_curv
             if j.get("WorkDir") != str(tmp_path) or not j.get("ArrayTaskId", "").isdigit():
                 continue  # another test's, or the array's record of its tasks not started yet
             num, job_id = int(j["ArrayTaskId"]), f"{j['ArrayJobId']}_{j['ArrayTaskId']}"
+            stop = JOBS[num][1]
             last = next(sweep.glob(f"{num}_*/checkpoints/last.ckpt"), None)
-            if num not in stopped and j["JobState"] == "RUNNING" and last is not None:
-                if STOPS[num] == "requeue":
+            if stop and num not in stopped and j["JobState"] == "RUNNING" and last is not None:
+                if stop == "requeue":
                     cluster.run("scontrol", "requeue", job_id)
                 else:
-                    cluster.run("scancel", f"--signal={STOPS[num]}", job_id)
+                    cluster.run("scancel", f"--signal={stop}", job_id)
                 stopped[num] = (job_id, last)
             elif j["JobState"] == "PENDING" and j["Restarts"] == "1" and job_id not in released:
                 # SLURM holds a requeued job for a while (BeginTime): let it start now
@@ -143,27 +124,36 @@ def test_preempted_sweep_is_requeued_and_each_job_ends_on_the_uninterrupted_curv
     if p.poll() is None:
         p.kill()
     out, err = p.communicate()
-    assert p.returncode == 0, err[-3000:] + cluster.logs()
-    assert sorted(stopped) == [0, 1, 2] and len(released) == 3, (stopped, released)
+    assert p.returncode != 0, "a failed job fails the sweep"
+    assert "task.lr=-1.0 must be > 0" in err, err[-3000:] + cluster.logs()
+    assert sorted(stopped) == [0, 1] and len(released) == 2, (stopped, released, err[-3000:], cluster.logs())
 
     with (sweep / "summary.csv").open() as f:
-        assert [(r["status"], r["interruptions"]) for r in csv.DictReader(f)] == [("ok", "1")] * 3
-    for num, run in enumerate(job_dirs(sweep)):
-        job_id, last = stopped[num]
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["status"], r["interruptions"]) for r in rows] == [("0", "ok", "1"), ("1", "ok", "1"),
+                                                                         ("2", "failed", "")], rows
+    assert rows[2]["error"] == "ConfigError: task.lr=-1.0 must be > 0 (the peak learning rate)"
+    for num, run in enumerate(job_dirs(sweep)[:2]):
+        (lr, how), (job_id, last) = JOBS[num], stopped[num]
+        # inside a SLURM job: torch sized to the task's one CPU, not to the node (two jobs shared its 2 CPUs)
+        assert "SLURM: 1 CPU thread(s) per task" in (run / "mtrain.log").read_text()
         status = json.loads((run / "status.json").read_text())
         assert status["status"] == "ok" and len(status["interruptions"]) == 1, status
-        (stop,) = status["interruptions"]  # the first attempt's record, kept by the rerun
-        assert stop["signal"] == ("SIGTERM" if STOPS[num] == "requeue" else f"SIG{STOPS[num]}")
-        assert stop["checkpoint"] == str(last) and 5 <= stop["step"] < 60
-        if STOPS[num] != "requeue":
-            assert stop["requeued"] == job_id  # mtrain asked for it, after the checkpoint
+        (first,) = status["interruptions"]  # the first attempt's record, kept by the rerun
+        assert first["signal"] == ("SIGTERM" if how == "requeue" else f"SIG{how}")
+        assert first["checkpoint"] == str(last) and 6 <= first["step"] < 60
+        if how != "requeue":
+            assert first["requeued"] == job_id  # mtrain asked for it, after the checkpoint
         err_log = (sweep / ".submitit" / job_id / f"{job_id}_0_log.err").read_text()
-        assert f"mtrain: error: interrupted by {stop['signal']} at step {stop['step']}" in err_log
+        assert f"mtrain: error: interrupted by {first['signal']} at step {first['step']}" in err_log
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["resumed_from"] == str(last) and metrics["steps"] == 60
-        curve = losses(run)  # the stopped attempt's rows up to its checkpoint, then the rerun's
-        assert set(curve) == set(uninterrupted)
+        curve, reference = losses(run), references[lr]  # the stopped attempt's rows up to its checkpoint, then the rerun's
+        assert set(curve) == set(reference)
         for s, loss in curve.items():
-            assert loss == pytest.approx(uninterrupted[s], rel=1e-5, abs=1e-6), (num, s, loss, uninterrupted[s])
-    jobs = our_jobs(cluster, tmp_path)
-    assert sorted((j["JobState"], j["Restarts"]) for j in jobs) == [("COMPLETED", "1")] * 3
+            assert loss == pytest.approx(reference[s], rel=1e-5, abs=1e-6), (num, s, loss, reference[s])
+    # the controller ran them: one array task per sweep job, all ended (the failed one inside its Hydra job)
+    jobs = sorted(our_jobs(cluster, tmp_path), key=lambda j: int(j["ArrayTaskId"]))
+    assert [(j["JobState"], j["Restarts"], j["NumCPUs"]) for j in jobs] == [("COMPLETED", "1", "1"),
+                                                                          ("COMPLETED", "1", "1"),
+                                                                          ("COMPLETED", "0", "1")], jobs

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import warnings
 from typing import Any, Mapping
 
 from .errors import ParallelError
@@ -28,8 +29,10 @@ def external_launcher() -> str | None:
 
     if TorchElasticEnvironment.detect():
         return "torchrun"
-    if SLURMEnvironment.detect():
-        return "slurm"
+    with warnings.catch_warnings():  # its hint to prepend srun: check_launch says how to launch, when it matters
+        warnings.filterwarnings("ignore", message=".*The `srun` command is available.*")
+        if SLURMEnvironment.detect():
+            return "slurm"
     return None
 
 
