@@ -1,6 +1,7 @@
 """Where a training step's peak memory goes: mtrain (compiled layers) against transformers + Liger kernels, one GPU.
 
     python benchmarks/memory_split.py            # Qwen3-30B-A3B shape, 4 layers, 4 x 2048 tokens, bf16, rl=on
+    python benchmarks/memory_split.py --chunks 4096 1024 512   # mtrain at several loss-chunk sizes, with tokens/s
 
 For each model, after warm-up steps: the weights (allocated before the step, gradients freed), what the forward
 pass leaves saved for the backward (allocated right after the loss), the peak during the forward, and the peak of
@@ -10,13 +11,14 @@ activations or in a transient of the backward. Appends one row to benchmarks/res
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_results, batch, card, make_hf, make_mtrain, mtrain_config  # noqa: E402
+from benchmarks.common import append_results, batch, card, make_hf, make_mtrain, mtrain_config, time_cuda  # noqa: E402
 
 GIB = 2**30
 
@@ -40,6 +42,9 @@ def split(model, loss_fn, ids, targets, warmup: int = 2) -> dict:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--chunks", type=int, nargs="*", default=[4096], help="mtrain loss-chunk sizes (tokens) to measure")
+    a = p.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     cfg = mtrain_config("qwen3_30b_a3b", 4)
     ids, targets = batch(cfg, 4, 2048, "cuda")
@@ -47,7 +52,16 @@ def main() -> None:
     model = make_mtrain(cfg, "cuda", rl=True).train()
     model.compile_layers()
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    rows["mtrain compiled"] = split(model, lambda m, i, t: m.loss(i, t), ids, targets)
+    for chunk in a.chunks:
+        def loss(m, i, t, chunk=chunk):
+            return m.loss(i, t, chunk_size=chunk)
+
+        def step(loss=loss):
+            model.zero_grad(set_to_none=True)
+            loss(model, ids, targets).backward()
+
+        rows[f"mtrain compiled, chunk {chunk}"] = split(model, loss, ids, targets) | {
+            "tok_s": round(ids.numel() / time_cuda(step, warmup=2, iters=8))}
     del model
     torch.cuda.empty_cache()
 
@@ -60,7 +74,7 @@ def main() -> None:
     hf = make_hf(cfg, "cuda", state).train()
     rows["transformers + Liger"] = split(hf, hf_loss, ids, targets)
     for name, r in rows.items():
-        print(f"{name:22} " + "  ".join(f"{k} {v:6.2f}" for k, v in r.items()), flush=True)
+        print(f"{name:28} " + "  ".join(f"{k} {v:,}" for k, v in r.items()), flush=True)
     append_results([{"bench": "memory_split", "shape": "qwen3_30b_a3b", "layers": 4, "tokens": "4x2048", "rl": True,
                      "card": card(), **{f"{n}: {k}": v for n, r in rows.items() for k, v in r.items()}}])
 
