@@ -106,6 +106,9 @@ def run_job(cfg: DictConfig) -> dict:
         resolved, plan = prepare_run(cfg)
         job = Job(resolved, plan, job_dir(), multirun=_multirun(), choices=_choices())
         check_run_dir(job)
+        if job.cfg.task.get("ckpt_path") is None and not slurm_restarted():
+            # a fresh start (task.overwrite=true over an old run): that run's status.json is not this one's history
+            (job.dir / "status.json").unlink(missing_ok=True)
         path = save_resolved(resolved, job.dir)
         log.info("task=%s, run dir %s (resolved config: %s)", resolved.task.name, job.dir, path.name)
         with plan.job_env():

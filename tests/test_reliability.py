@@ -79,6 +79,24 @@ def test_a_used_run_dir_is_refused_unless_resuming_it_or_overwrite(tmp_path):
     check_run_dir(prepared(run_dir=tmp_path / "fresh"))
 
 
+def test_overwrite_starts_a_fresh_history(tmp_path):
+    """task.overwrite=true replaces an old run: its recorded interruption does not become the new run's (a resumed
+    run keeps them: tests/test_slurm.py)."""
+    import json
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    (run / "status.json").write_text(json.dumps({"status": "interrupted", "signal": "SIGTERM", "step": 3}))
+    r = run_cli(["task.overwrite=true", "trainer.max_steps=2", "task.accuracy=false", "task.accuracy_before=false",
+                 "task.export=false", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "ok" and "interruptions" not in status, status
+
+
 def test_run_dirs_of_jobs_started_in_the_same_second_differ():
     from conftest import compose_cfg
 
