@@ -92,14 +92,18 @@ def test_killed_job_resumes_onto_the_uninterrupted_loss_curve(tmp_path, uninterr
     assert not (run / "metrics.json").exists()
 
     # the rerun: same run dir, task.ckpt_path=auto finds last.ckpt; its CSV log continues the killed run's
-    killed_rows = len(losses(run))
     metrics = sft.run(prepared(*RUN, "task.ckpt_path=auto", run_dir=run))
     assert metrics["resumed_from"] == str(last)
     with (run / "csv" / "metrics.csv").open() as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    assert steps == sorted(set(steps)) and killed_rows >= step  # each step once: rows after the checkpoint replaced
+    assert steps == sorted(set(steps))  # each step once: the killed run's rows after the checkpoint were replaced
     curve = losses(run)
-    assert set(curve) == set(uninterrupted)  # the whole run, killed part included
+    # the whole run, killed part included. After kill -9 or Ctrl-C the row of the step just before the checkpoint may
+    # be missing: Lightning hands a step's row to the logger after the callback that writes the checkpoint (and
+    # flushes the log) has run; kill -9 loses what is not on disk, and a KeyboardInterrupt can land between the two.
+    # SIGTERM and SIGUSR1 stop at a step boundary and lose nothing.
+    assert set(uninterrupted) - set(curve) <= ({step - 1} if sig in ("SIGKILL", "SIGINT") else set())
+    assert set(curve) <= set(uninterrupted)
     for s, loss in curve.items():  # same weights, optimizer state, schedule and batches: the same curve
         assert loss == pytest.approx(uninterrupted[s], rel=1e-5, abs=1e-6), (s, loss, uninterrupted[s])
     assert metrics["train_loss_first"] == pytest.approx(uninterrupted[min(uninterrupted)], rel=1e-6)  # history kept
