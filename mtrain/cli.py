@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from mtrain.config import ENV_VAR, ConfigError, parse_fd_enable_rl, prepare_run, save_resolved
 from mtrain.job.records import interruptions, write_json
 from mtrain.job.run import Job, user_error
-from mtrain.parallel.launch import requeue_signals, slurm_requeue, slurm_restarted
+from mtrain.parallel.launch import requeue_signals, resume_request, slurm_requeue
 from mtrain.tasks import get_task
 
 log = logging.getLogger("mtrain")
@@ -89,11 +89,9 @@ def check_run_dir(job: Job) -> None:
     found = [name for name in RESULTS if (job.dir / name).exists()]
     if not found or job.cfg.task.get("overwrite", False):
         return
-    ckpt = job.cfg.task.get("ckpt_path")
+    ckpt = resume_request(job.cfg.task.get("ckpt_path"))  # a requeued SLURM job: auto
     if ckpt == "auto" or (ckpt and job.dir.resolve() in Path(ckpt).resolve().parents):
         return  # it resumes this dir's run
-    if ckpt is None and slurm_restarted():
-        return  # a requeued SLURM job: it resumes its own last.ckpt (mtrain.lit.resume.resume_path)
     last = job.dir / "checkpoints" / "last.ckpt"
     resume = f" resume it with task.ckpt_path={last}," if last.exists() else ""
     raise ConfigError(f"run dir {job.dir} already holds another run's results ({', '.join(found)}); choose a new "
@@ -106,7 +104,7 @@ def run_job(cfg: DictConfig) -> dict:
         resolved, plan = prepare_run(cfg)
         job = Job(resolved, plan, job_dir(), multirun=_multirun(), choices=_choices())
         check_run_dir(job)
-        if job.cfg.task.get("ckpt_path") is None and not slurm_restarted():
+        if resume_request(job.cfg.task.get("ckpt_path")) is None:
             # a fresh start (task.overwrite=true over an old run): that run's status.json is not this one's history
             (job.dir / "status.json").unlink(missing_ok=True)
         path = save_resolved(resolved, job.dir)

@@ -58,6 +58,7 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self._procs: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ if base is None else base)
@@ -97,6 +98,9 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
 
     def __enter__(self) -> "SlurmCluster":
         return self.start()
@@ -132,6 +136,7 @@ class SlurmCluster:
 
     def _spawn(self, name: str, argv: list) -> None:
         log = (self.root / "log" / f"{name}.out").open("w")
+        self._logs.append(log)
         self._procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
                                              start_new_session=True)
 

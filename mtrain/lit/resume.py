@@ -17,7 +17,7 @@ import torch
 
 from mtrain.lit.manifest import verify_manifest
 from mtrain.models.checkpoint import CheckpointError
-from mtrain.parallel.launch import slurm_restarted
+from mtrain.parallel.launch import resume_request
 
 
 AUTO = "auto"
@@ -27,8 +27,7 @@ def resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
     """``task.ckpt_path`` as a path: ``auto`` is ``<run dir>/checkpoints/last.ckpt`` when it exists (a requeued or
     re-run job continues where it stopped) and a fresh start otherwise. A requeued SLURM job
     (``SLURM_RESTART_COUNT`` > 0) without a ``task.ckpt_path`` resumes as with ``auto``."""
-    if ckpt_path is None and slurm_restarted():
-        ckpt_path = AUTO
+    ckpt_path = resume_request(ckpt_path)
     if ckpt_path != AUTO:
         return ckpt_path
     last = Path(run_dir) / "checkpoints" / "last.ckpt"

@@ -89,6 +89,11 @@ def slurm_restarted(environ: Mapping[str, str] | None = None) -> bool:
     return count.isdigit() and int(count) > 0
 
 
+def resume_request(ckpt_path: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """``task.ckpt_path`` as the job means it: a requeued SLURM job without one resumes as with ``auto``."""
+    return "auto" if ckpt_path is None and slurm_restarted(environ) else ckpt_path
+
+
 def slurm_cpus_per_task(environ: Mapping[str, str] | None = None) -> int | None:
     """The CPUs SLURM gave each task (``--cpus-per-task``), or None outside SLURM. torch sizes its thread pool from
     the machine, not the allocation: two jobs sharing a node would each run as many threads as the node has."""
