@@ -228,6 +228,7 @@ class GRPOTaskConfig(OptimTaskConfig):
     val_prompts_path: Optional[str] = None  # JSONL held out for accuracy (synthetic: its val split)
     warm_start_steps: int = 0  # SFT steps on data= before RL (the synthetic task: exact answers)
     warm_start_lr: float = 3e-3
+    warm_start_accuracy: Optional[float] = None  # stop the warm start once greedy accuracy on train prompts reaches it
     # outputs
     eval_every: int = 20  # held-out greedy accuracy every N RL steps (and before/after)
     rollouts_every: int = 10  # append a sample of prompts/responses/rewards to rollouts.jsonl every N steps

@@ -106,6 +106,16 @@ def test_outputs_metrics_and_resume_continue_exactly(tmp_path):
             assert float(got[step][key]) == pytest.approx(float(want[step][key]), rel=1e-6, abs=1e-9), (step, key)
 
 
+def test_warm_start_stops_at_the_accuracy_target(tmp_path):
+    """task.warm_start_accuracy ends the SFT warm start at the first check (every 10 steps) that reaches it; without
+    it the warm start runs all task.warm_start_steps."""
+    common = ["trainer.max_steps=1", "task.eval_every=0", "task.warm_start_steps=30"]
+    reached, _ = grpo(tmp_path, *common, "task.warm_start_accuracy=0.0", name="target")
+    assert reached["warm_start"] == {"steps": 10, "train_accuracy": reached["warm_start"]["train_accuracy"]}
+    full, _ = grpo(tmp_path, *common, name="all")
+    assert full["warm_start"] == {"steps": 30}
+
+
 def test_advantage_modes_and_losses_run(tmp_path):
     for i, extra in enumerate([["task.advantage=rloo", "task.loss=gspo", "task.clip_low=3e-4", "task.clip_high=4e-4",
                                 "task.loss_agg=seq-mean-token-mean"],
@@ -130,6 +140,7 @@ BAD_INPUT = {
     "long": (["task.prompts_path={long}", "model.arch.max_position_embeddings=16"], "prompt #0"),
     "reward": (["task.reward=test_grpo.bad_reward"], "example 0"),
     "advantage": (["task.advantage=ppo2"], "task.advantage='ppo2'"),
+    "warm_target": (["task.warm_start_accuracy=30"], "task.warm_start_accuracy=30"),
 }
 CLI_CASES = ("group", "reward")  # through the CLI: exit 2, one line; the others in-process (same check, no start-up)
 

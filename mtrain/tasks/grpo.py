@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+import lightning as L
 from omegaconf import OmegaConf
 
 from mtrain.config import ConfigError
@@ -55,6 +56,9 @@ def check_config(job: Job) -> None:
                           "responses of a step; lower it")
     if t.lr <= 0:
         raise ConfigError(f"task.lr={t.lr} must be > 0 (the peak learning rate)")
+    if t.warm_start_accuracy is not None and not 0 <= t.warm_start_accuracy <= 1:
+        raise ConfigError(f"task.warm_start_accuracy={t.warm_start_accuracy} must be in [0, 1] (a share of exact "
+                          "answers; null = run all task.warm_start_steps)")
     if t.temperature <= 0:
         raise ConfigError(f"task.temperature={t.temperature}: RL samples; use > 0")
     if cfg.trainer.max_steps < 1:
@@ -143,16 +147,47 @@ def make_scorer(reward_fn: Callable):
     return scorer
 
 
-def warm_start(job: Job, s: Setup, steps: int, lr: float) -> float:
-    """A short SFT of the model on ``data`` (the synthetic task: prompt -> exact answer). Returns its seconds."""
+class StopAtAccuracy(L.Callback):
+    """Stop an SFT warm start once the greedy exact match of ``accuracy()`` reaches ``target`` (checked every
+    ``every`` optimizer steps); records each check in ``checks`` as (step, accuracy)."""
+
+    def __init__(self, accuracy: Callable[[], float], target: float, every: int = 10):
+        self.accuracy, self.target, self.every = accuracy, target, every
+        self.checks: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every == 0:
+            self.checks.append((step, self.accuracy()))
+            if self.checks[-1][1] >= self.target:
+                trainer.should_stop = True
+
+
+def warm_start(job: Job, s: Setup, steps: int, lr: float, target: float | None, probe: list[dict]) -> dict[str, Any]:
+    """A short SFT of the model on ``data`` (the synthetic task: prompt -> exact answer), ``steps`` optimizer steps
+    or fewer: with ``target``, it stops once greedy exact match on ``probe`` (train prompts) reaches it. Returns what
+    it did: steps, seconds, and the probe accuracy at the end (with a target)."""
     t0 = time.perf_counter()
-    lit = MoELitModule(s.model, lr=lr, warmup_steps=min(50, steps // 4), min_lr_ratio=0.1, weight_decay=0.0)
+    # With a target the learning rate stays constant after warm-up: the stop is not on an annealed model (RL from
+    # an annealed one first loses accuracy when its learning rate rises again).
+    lit = MoELitModule(s.model, lr=lr, warmup_steps=min(50, steps // 4), min_lr_ratio=1.0 if target else 0.1,
+                       weight_decay=0.0)
+    stop = None
+    if target is not None and probe:
+        stop = StopAtAccuracy(lambda: greedy_accuracy(s.model, s.datamodule, probe, device=s.device)["accuracy"],
+                              target)
     trainer = build_trainer(job.cfg, job.dir, has_val=False, checkpoint=False, max_steps=steps,
-                            multirun=job.multirun, enable_progress_bar=False, loggers=False)
+                            multirun=job.multirun, enable_progress_bar=False, loggers=False,
+                            callbacks=[stop] if stop else [])
     trainer.fit(lit, datamodule=s.datamodule)
     losses = lit.train_losses()
-    log.info("warm start: %d SFT steps, loss %.3f -> %.3f", steps, losses[0][1], losses[-1][1])
-    return time.perf_counter() - t0
+    done = {"steps": trainer.global_step, "seconds": round(time.perf_counter() - t0, 3)}
+    if stop is not None and stop.checks:
+        done["train_accuracy"] = stop.checks[-1][1]
+    log.info("warm start: %d SFT steps, loss %.3f -> %.3f%s", trainer.global_step, losses[0][1], losses[-1][1],
+             f", greedy exact match on {len(probe)} train prompts {100 * done['train_accuracy']:.1f}%"
+             if "train_accuracy" in done else "")
+    return done
 
 
 def run(job: Job) -> dict[str, Any]:
@@ -184,7 +219,11 @@ def run(job: Job) -> dict[str, Any]:
                                "val_prompts": len(val_prompts)}
     seconds = {"warm_start": 0.0}
     if t.warm_start_steps > 0 and not ckpt:
-        seconds["warm_start"] = warm_start(job, s, t.warm_start_steps, t.warm_start_lr)
+        probe = [{"prompt": e["prompt"], "response": str(e["answer"])} for e in train_prompts if "answer" in e]
+        done = warm_start(job, s, t.warm_start_steps, t.warm_start_lr, t.warm_start_accuracy,
+                          probe[: t.max_accuracy_examples])
+        seconds["warm_start"] = done.pop("seconds")
+        metrics["warm_start"] = done
         model = s.model
     if t.compile and s.cuda:
         model.compile_layers()
