@@ -22,19 +22,26 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-NOISE = 0.1  # router-logit noise std: ~10% of per-layer routing decisions differ at the warm start
-CONFIGS = {
-    "clean": ["task.inject_mismatch.router_noise=0"],
-    **{f"noisy_{rr}_{cm}": [f"task.inject_mismatch.router_noise={NOISE}", f"task.routing_replay={rr}",
-                            f"task.rollout_correction.mode={cm}"]
-       for rr in ("off", "r3") for cm in ("off", "token_tis", "token_mask")},
-}
+NOISE = 0.1  # router-logit noise std (--noise): 5-10% of per-layer routing decisions differ on the demo's warm starts
+
+
+def configs(noise: float = NOISE) -> dict[str, list[str]]:
+    return {
+        "clean": ["task.inject_mismatch.router_noise=0"],
+        **{f"noisy_{rr}_{cm}": [f"task.inject_mismatch.router_noise={noise}", f"task.routing_replay={rr}",
+                                f"task.rollout_correction.mode={cm}"]
+           for rr in ("off", "r3") for cm in ("off", "token_tis", "token_mask")},
+    }
+
+
+CONFIGS = configs()
 LABELS = {"clean": "clean (no mismatch)", "noisy_off_off": "mismatch, no correction", "noisy_off_token_tis": "TIS",
           "noisy_off_token_mask": "MIS (token mask)", "noisy_r3_off": "R3", "noisy_r3_token_tis": "R3 + TIS",
           "noisy_r3_token_mask": "R3 + MIS"}
 
 
-def run(out: Path, seeds: list[int], parallel: int, extra: list[str]) -> None:
+def run(out: Path, seeds: list[int], parallel: int, extra: list[str], noise: float = NOISE,
+        names: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -47,7 +54,7 @@ def run(out: Path, seeds: list[int], parallel: int, extra: list[str]) -> None:
         print(f"{name}: rc={rc}", flush=True)
         return rc
 
-    jobs = [(f"{c}_s{s}", s, o) for s in seeds for c, o in CONFIGS.items()]
+    jobs = [(f"{c}_s{s}", s, o) for s in seeds for c, o in configs(noise).items() if names is None or c in names]
     with ThreadPoolExecutor(parallel) as pool:
         failed = sum(rc != 0 for rc in pool.map(one, jobs))
     if failed:
@@ -58,7 +65,7 @@ def _history(d: Path) -> list[dict]:
     return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(open(d / "csv" / "metrics.csv"))]
 
 
-def report(out: Path) -> Path:
+def report(out: Path, noise: float = NOISE) -> Path:
     runs: dict[str, dict[int, tuple[dict, list[dict]]]] = {}
     for d in sorted(p for p in out.iterdir() if (p / "metrics.json").is_file()):
         config, seed = d.name.rsplit("_s", 1)
@@ -70,7 +77,7 @@ def report(out: Path) -> Path:
         xs = [x for x in xs if x == x]
         return sum(xs) / len(xs) if xs else float("nan")
 
-    clean = {s: m["val_accuracy"] for s, (m, _) in runs["clean"].items()}
+    clean = {s: m["val_accuracy"] for s, (m, _) in runs.get("clean", {}).items()}
     lines = ["| config | held-out accuracy per seed (warm start -> end) | mean end | vs clean | seeds >= 10 pts below "
              "clean | k3 mean | routing disagr. trained | routing disagr. own | ESS | masked |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -92,7 +99,7 @@ def report(out: Path) -> Path:
             f"{100 * mean([m.get('correction_frac_masked_mean', 0.0) for m in ms]):.2f}% |")
     md = out / "story.md"
     md.write_text("# GRPO under an injected train/rollout mismatch (router-logit noise std "
-                  f"{NOISE})\n\n" + "\n".join(lines) + "\n")
+                  f"{noise})\n\n" + "\n".join(lines) + "\n")
     _figure(out, runs)
     print(md.read_text())
     return md
@@ -139,12 +146,15 @@ if __name__ == "__main__":
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--parallel", type=int, default=1)
+    r.add_argument("--noise", type=float, default=NOISE, help="router-logit noise std of the noisy configs")
+    r.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="a subset of the configs (default: all)")
     r.add_argument("extra", nargs="*", help="more overrides for every job")
     p = sub.add_parser("report")
     p.add_argument("out", type=Path)
+    p.add_argument("--noise", type=float, default=NOISE, help="the noise the run used (for the title)")
     a = ap.parse_args()
     if a.cmd == "run":
-        run(a.out, a.seeds, a.parallel, a.extra)
-        report(a.out)
+        run(a.out, a.seeds, a.parallel, a.extra, a.noise, a.configs)
+        report(a.out, a.noise)
     else:
-        report(a.out)
+        report(a.out, a.noise)
