@@ -110,25 +110,55 @@ def test_killed_job_resumes_onto_the_uninterrupted_loss_curve(tmp_path, uninterr
 
 
 def test_a_write_killed_half_way_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
-    import lightning as L
-
+    """The second last.ckpt write of a run dies half-way (in the background writer): the job fails with that error,
+    and last.ckpt is still the first write, whole; no partial file is left."""
     from mtrain.tasks import sft
 
-    real, calls = L.Trainer.save_checkpoint, []
+    real, calls = torch.save, []
 
-    def dies_on_the_second_write(self, filepath, *a, **kw):
-        calls.append(filepath)
+    def dies_on_the_second_write(obj, f, *a, **kw):
+        calls.append(Path(f))
         if len(calls) == 2:
-            Path(filepath).write_bytes(b"PK\x03\x04 half a zip")  # what a killed write leaves
+            Path(f).write_bytes(b"PK\x03\x04 half a zip")  # what a killed write leaves
             raise OSError("killed while writing")  # (kill -9 itself cannot be caught; SIGTERM/SIGINT save again)
-        return real(self, filepath, *a, **kw)
+        return real(obj, f, *a, **kw)
 
-    monkeypatch.setattr(L.Trainer, "save_checkpoint", dies_on_the_second_write)
+    monkeypatch.setattr(torch, "save", dies_on_the_second_write)
     with pytest.raises(OSError, match="killed while writing"):
         sft.run(prepared(*RUN, run_dir=tmp_path))
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert ckpt_step(last) == 6  # the first write, whole; the half-written one never took its name
-    assert Path(calls[1]).name != "last.ckpt"
+    assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_slow_checkpoint_write_does_not_hold_up_training(tmp_path, monkeypatch):
+    """The step-6 last.ckpt write stalls until training reaches step 9: training gets there (the write runs in the
+    background; a blocking write would stall the loop and time out), and at the job's end every write is on disk."""
+    import threading
+
+    from mtrain.lit.module import MoELitModule
+    from mtrain.tasks import sft
+
+    reached, real_save, real_step = threading.Event(), torch.save, MoELitModule.training_step
+    released = []
+
+    def stalls_the_first_write(obj, f, *a, **kw):
+        if not released:
+            released.append(reached.wait(timeout=30))
+        return real_save(obj, f, *a, **kw)
+
+    def step(self, batch, batch_idx):
+        if self.trainer.global_step >= 9:
+            reached.set()
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(torch, "save", stalls_the_first_write)
+    monkeypatch.setattr(MoELitModule, "training_step", step)
+    run = ["trainer.max_steps=12", *RUN[1:]]
+    m = sft.run(prepared(*run, run_dir=tmp_path))
+    assert released == [True]  # the loop went on to step 9 while the step-6 write waited
+    assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 12
+    assert m["seconds"]["checkpoint_wait_at_end"] >= 0
 
 
 def test_an_export_killed_half_way_leaves_the_previous_export_whole(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from conftest import compose_cfg, run_cli
 from mtrain.config import prepare_run
 from mtrain.data import DataConfig, DataError, build_datamodule, save_tokenizer, synthetic_tokenizer
 from mtrain.job import build_setup
+from mtrain.lit.checkpoint_io import wait_for_checkpoints
 from mtrain.lit import MoELitModule, WarmupCosine, build_trainer, param_groups
 from mtrain.models.flops import active_params_per_token
 from mtrain.models import build_model, from_pretrained
@@ -65,6 +66,7 @@ def _fit(job, run_dir, max_steps, ckpt_path=None):
     probe = Probe()
     trainer = build_trainer(job.cfg, run_dir, callbacks=[probe], max_steps=max_steps)
     trainer.fit(lit, datamodule=s.datamodule, ckpt_path=ckpt_path)
+    wait_for_checkpoints()  # the last write runs in the background (a job's finish() waits for it)
     return trainer, probe
 
 

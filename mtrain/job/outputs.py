@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from mtrain.data import MTrainDataModule, save_tokenizer
+from mtrain.lit.checkpoint_io import wait_for_checkpoints
 from mtrain.models import MoECausalLM, save_pretrained
 from mtrain.parallel import export_hf as export_sharded
 from mtrain.parallel import is_sharded
@@ -20,6 +21,10 @@ def finish(run_dir: Path, metrics: dict, files: dict, t_start: float, rank_zero:
            summary: Callable[[dict], None]) -> dict:
     """The end of every training job: wall time and files into ``metrics``, ``metrics.json`` and the printed summary
     (rank 0); returns ``metrics``."""
+    waited, written = wait_for_checkpoints()  # the last write overlapped the job's end; it is on disk from here
+    if isinstance(metrics.get("seconds"), dict):
+        metrics["seconds"]["checkpoint_wait_at_end"] = round(waited, 3)  # what the job still waited for it
+        metrics["seconds"]["checkpoint_writes"] = round(written, 3)  # in the background thread, all writes
     metrics["wall_s"] = time.perf_counter() - t_start
     metrics["files"] = files
     if rank_zero:

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mtrain.lit.checkpoint_io import BackgroundCheckpointIO
 from mtrain.lit.csvlog import KeepingCSVLogger
 from mtrain.lit.errors import TrainingDiverged
 from mtrain.lit.manifest import write_manifest
@@ -114,7 +115,9 @@ class LastCheckpoint(Callback):
         return self.dir / self.NAME
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        if trainer.global_step == self.saved_step and self.path.exists():
+        io = trainer.strategy.checkpoint_io
+        background = isinstance(io, BackgroundCheckpointIO)
+        if trainer.global_step == self.saved_step and (self.path.exists() or (background and io.pending)):
             return self.path
         t0 = time.perf_counter()
         if not all(_finite(p.detach()) for p in pl_module.parameters()):
@@ -123,6 +126,11 @@ class LastCheckpoint(Callback):
                                    "task.lr or set trainer.gradient_clip_val")
         for logger in trainer.loggers:  # the logs on disk reach at least as far as the checkpoint (kill -9 included)
             logger.save()
+        if background:  # one file, written atomically (temporary file, then renamed) by the writer thread
+            trainer.save_checkpoint(str(self.path), weights_only=False)  # + optimizer state
+            self.saved_step = trainer.global_step
+            excluded(pl_module, "checkpoint", time.perf_counter() - t0)
+            return self.path
         tmp = self.dir / f".{self.NAME}.tmp"
         trainer.save_checkpoint(str(tmp), weights_only=False)  # + optimizer state; collective under FSDP, then a barrier
         if trainer.is_global_zero:
@@ -152,6 +160,9 @@ class LastCheckpoint(Callback):
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):  # SIGTERM/SIGUSR1, SIGINT (Ctrl-C)
             exception.mtrain_checkpoint = str(self.save(trainer, pl_module))
             exception.mtrain_step = trainer.global_step
+            io = trainer.strategy.checkpoint_io
+            if isinstance(io, BackgroundCheckpointIO):
+                io.wait()  # on disk before the CLI's status.json names it or SLURM requeues the job
 
 
 class StopOnSignal(Callback):

@@ -1,20 +1,32 @@
-"""Checkpoint files written by streaming ``torch.save`` into a temporary file that is renamed over the target.
+"""Checkpoint files written by streaming ``torch.save`` into a temporary file that is renamed over the target, in a
+background thread.
 
 Lightning's own save (``_atomic_save``) first serializes the whole checkpoint into an in-memory buffer and then
 copies the buffer to disk: for a 3.1B-parameter model with its AdamW moments that is a 19 GB buffer, twice the host
 memory and half the disk's pace (438 MB/s measured against 844–947 MB/s for ``torch.save`` on the same disk,
 ``benchmarks/RESULTS.md``). Writing straight to ``.<name>.<pid>.partial`` and renaming keeps the save atomic: a killed
 write leaves the previous file, never a partial one under the checkpoint's name.
+
+:class:`BackgroundCheckpointIO` takes the training loop off the disk's clock: a save copies every tensor of the
+checkpoint to host memory (the loop waits for that copy only: the optimizer goes on changing the tensors in place)
+and a thread writes the copy. One write is in flight at a time: the next save, a checkpoint removal and
+:func:`wait_for_checkpoints` (at the end of a job, before a requeue) wait for it, and raise its error if it failed.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
+
+_LIVE: "weakref.WeakSet[BackgroundCheckpointIO]" = weakref.WeakSet()
 
 
 class StreamingCheckpointIO(TorchCheckpointIO):
@@ -30,3 +42,69 @@ class StreamingCheckpointIO(TorchCheckpointIO):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
+
+
+class BackgroundCheckpointIO(StreamingCheckpointIO):
+    """:class:`StreamingCheckpointIO` in a background thread, after a host copy of the checkpoint's tensors.
+    ``write_seconds`` sums the background writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self.write_seconds = 0.0
+        _LIVE.add(self)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        self.wait()
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, _host_copy)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, path, storage_options),
+                                        name="mtrain-checkpoint-writer")  # not a daemon: exit waits for the write
+        self._thread.start()
+
+    def _write(self, snapshot: dict[str, Any], path, storage_options) -> None:
+        t0 = time.perf_counter()
+        try:
+            super().save_checkpoint(snapshot, path, storage_options)
+        except BaseException as e:  # noqa: BLE001  (raised in the caller's thread by wait())
+            self._error = e
+        self.write_seconds += time.perf_counter() - t0
+
+    @property
+    def pending(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def remove_checkpoint(self, path) -> None:
+        self.wait()
+        super().remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        """Lightning calls this at the end of every fit/validate: the write goes on (a job's final validation and
+        export overlap it); :func:`wait_for_checkpoints` ends it."""
+        if self._error is not None:
+            self.wait()
+
+
+def wait_for_checkpoints() -> tuple[float, float]:
+    """Wait for every background checkpoint write of this process (raise a failed write's error); return the
+    seconds waited and the seconds all of them took to write."""
+    t0 = time.perf_counter()
+    ios = list(_LIVE)
+    for io in ios:
+        io.wait()
+        _LIVE.discard(io)  # counted once: the next job of this process (a multirun) starts from zero
+    return time.perf_counter() - t0, sum(io.write_seconds for io in ios)

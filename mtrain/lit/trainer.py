@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtrain.data.sampler import ResumeData
-from mtrain.lit.checkpoint_io import StreamingCheckpointIO
+from mtrain.lit.checkpoint_io import BackgroundCheckpointIO
 from mtrain.lit.callbacks import FiniteGuard, StepProgressBar, StopOnSignal, make_checkpoint, make_loggers
 from mtrain.parallel.lightning import trainer_kwargs
 
@@ -93,7 +93,7 @@ def build_trainer(
     if checkpoint:
         cbs += make_checkpoint(run_dir, has_val, save_top_k, checkpoint_every)
     if isinstance(kw.get("strategy", "auto"), str) and "plugins" not in kw:  # trainer=fsdp: distributed checkpoints
-        kw["plugins"] = [StreamingCheckpointIO()]
+        kw["plugins"] = [BackgroundCheckpointIO()]  # written in a thread: the loop waits for a host copy only
     return L.Trainer(
         default_root_dir=str(run_dir),
         logger=make_loggers(run_dir, resume) if loggers else False,
