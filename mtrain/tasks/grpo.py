@@ -170,8 +170,8 @@ def warm_start(job: Job, s: Setup, steps: int, lr: float, target: float | None, 
     t0 = time.perf_counter()
     # With a target the learning rate stays constant after warm-up: the stop is not on an annealed model (RL from
     # an annealed one first loses accuracy when its learning rate rises again).
-    lit = MoELitModule(s.model, lr=lr, warmup_steps=min(50, steps // 4), min_lr_ratio=1.0 if target is not None else 0.1,
-                       weight_decay=0.0)
+    lit = MoELitModule(s.model, lr=lr, warmup_steps=min(50, steps // 4),
+                       min_lr_ratio=1.0 if target is not None else 0.1, weight_decay=0.0)
     stop = None
     if target is not None and probe:
         stop = StopAtAccuracy(lambda: greedy_accuracy(s.model, s.datamodule, probe, device=s.device)["accuracy"],
