@@ -69,10 +69,9 @@ def main() -> None:
         if None in acc:
             print(f"{name:18s} failed jobs: see {a.out}/{name}_s*.log", file=sys.stderr)
             continue
-        gap = "" if base is None or None in base else \
-            f"  vs grpo {100 * (sum(acc) - sum(base)) / len(acc):+.1f} pts"
-        print(f"{name:18s} end accuracy {' '.join(f'{100 * x:.1f}' for x in acc)}  mean {100 * sum(acc) / len(acc):.1f}%"
-              f"{gap}", file=sys.stderr)
+        gap = "" if base is None or None in base else f"  vs grpo {100 * (sum(acc) - sum(base)) / len(acc):+.1f} pts"
+        ends_pct = " ".join(f"{100 * x:.1f}" for x in acc)
+        print(f"{name:18s} end accuracy {ends_pct}  mean {100 * sum(acc) / len(acc):.1f}%{gap}", file=sys.stderr)
 
 
 if __name__ == "__main__":
