@@ -29,7 +29,7 @@ VARIANTS = {
 }
 
 
-def run(out: Path, seeds: list[int], parallel: int) -> list[dict]:
+def run(out: Path, seeds: list[int], parallel: int, extra: list[str] = ()) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -37,7 +37,7 @@ def run(out: Path, seeds: list[int], parallel: int) -> list[dict]:
         name, seed, overrides = job
         d = out / f"{name}_s{seed}"
         cmd = [sys.executable, "-m", "mtrain", "experiment=grpo_demo", "rl=on", "trainer=cpu", f"seed={seed}",
-               "task.export=false", "task.checkpoint_every_n_steps=1000", *overrides, f"hydra.run.dir={d}"]
+               "task.export=false", "task.checkpoint_every_n_steps=1000", *overrides, *extra, f"hydra.run.dir={d}"]
         with open(f"{d}.log", "w") as log:
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         m = json.loads((d / "metrics.json").read_text()) if rc == 0 else {}
@@ -56,8 +56,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--card", default=f"CPU ({os.cpu_count()} cores, 1 thread per job), {platform.machine()}")
+    ap.add_argument("extra", nargs="*", help="more overrides for every job (e.g. trainer.max_steps=2 for a smoke test)")
     a = ap.parse_args()
-    rows = run(a.out, a.seeds, a.parallel)
+    rows = run(a.out, a.seeds, a.parallel, a.extra)
     date = datetime.date.today().isoformat()
     for r in rows:
         print(json.dumps({"date": date, "card": a.card, "bench": "grpo_demo_seeds", **r}))

@@ -4,7 +4,7 @@ timed alone after one fwd+bwd of the Qwen3-30B-A3B shape (4 layers, bf16, rl=on)
     python benchmarks/optimizer_step.py
 
 (The 2026-11-29 row in results.jsonl, ``optimizer_probe``, came from this code run ad hoc; the bare loop of
-``cli_loop.py`` spends about 29 ms a step beyond fwd+bwd, and this splits it.)
+``sft_cli.py`` spends about 29 ms a step beyond fwd+bwd, and this splits it.)
 """
 
 from __future__ import annotations

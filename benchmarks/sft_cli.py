@@ -1,7 +1,7 @@
 """The CLI's training loop against a bare loop doing the same work, in one run on one GPU.
 
-    python benchmarks/cli_loop.py                  # Qwen3-30B-A3B shape, 4 layers, packed 4 x 2048 tokens, rl=on
-    python benchmarks/cli_loop.py --smoke          # tiny model on the CPU: checks the script, times nothing real
+    python benchmarks/sft_cli.py                  # Qwen3-30B-A3B shape, 4 layers, packed 4 x 2048 tokens, rl=on
+    python benchmarks/sft_cli.py --smoke          # tiny model on the CPU: checks the script, times nothing real
 
 Both sides get the same job: the config ``python -m mtrain experiment=qwen3_30b_a3b_shape rl=on <OVERRIDES>``
 composes, the same data (its packed train loader), model (bf16, fp32 gate, compiled decoder layers), fused AdamW with
