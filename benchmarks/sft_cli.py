@@ -19,6 +19,7 @@ Prints both and their ratio; appends a row to benchmarks/results.jsonl (and $OUT
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -66,8 +67,9 @@ def bare_loop(overrides: list[str], warmup: int, steps: int) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.task.warmup_steps, warmup + steps,
                                                                 cfg.task.min_lr_ratio))
     clip = cfg.trainer.gradient_clip_val
-    loader = iter(s.datamodule.train_dataloader())
-    batches = [next(loader) for _ in range(warmup + steps)]  # data loading is not what this times
+    batches = []  # data loading is not what this times; as many epochs as the steps need
+    while len(batches) < warmup + steps:
+        batches += list(itertools.islice(s.datamodule.train_dataloader(), warmup + steps - len(batches)))
     batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in batches]
 
     def step(b):
