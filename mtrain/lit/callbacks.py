@@ -128,6 +128,7 @@ class LastCheckpoint(Callback):
             logger.save()
         if background:  # one file, written atomically (temporary file, then renamed) by the writer thread
             trainer.save_checkpoint(str(self.path), weights_only=False)  # + optimizer state
+            trainer.strategy.barrier("mtrain.last_checkpoint")
             self.saved_step = trainer.global_step
             excluded(pl_module, "checkpoint", time.perf_counter() - t0)
             return self.path
