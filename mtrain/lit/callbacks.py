@@ -94,6 +94,11 @@ def _finite(x) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x)).all())
 
 
+def _background_writer(trainer: L.Trainer) -> Optional[BackgroundCheckpointIO]:
+    io = trainer.strategy.checkpoint_io
+    return io if isinstance(io, BackgroundCheckpointIO) else None
+
+
 class LastCheckpoint(Callback):
     """``<run dir>/checkpoints/last.ckpt`` at the latest step, independent of validation: every ``every_n_steps``
     optimizer steps, at the end of fit, and when the job is told to stop (SIGTERM, what SLURM and Kubernetes send on
@@ -115,9 +120,8 @@ class LastCheckpoint(Callback):
         return self.dir / self.NAME
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        io = trainer.strategy.checkpoint_io
-        background = isinstance(io, BackgroundCheckpointIO)
-        if trainer.global_step == self.saved_step and (self.path.exists() or (background and io.pending)):
+        writer = _background_writer(trainer)
+        if trainer.global_step == self.saved_step and (self.path.exists() or (writer and writer.pending)):
             return self.path
         t0 = time.perf_counter()
         if not all(_finite(p.detach()) for p in pl_module.parameters()):
@@ -126,25 +130,20 @@ class LastCheckpoint(Callback):
                                    "task.lr or set trainer.gradient_clip_val")
         for logger in trainer.loggers:  # the logs on disk reach at least as far as the checkpoint (kill -9 included)
             logger.save()
-        if background:  # one file, written atomically (temporary file, then renamed) by the writer thread
-            trainer.save_checkpoint(str(self.path), weights_only=False)  # + optimizer state
-            trainer.strategy.barrier("mtrain.last_checkpoint")
-            self.saved_step = trainer.global_step
-            excluded(pl_module, "checkpoint", time.perf_counter() - t0)
-            return self.path
-        tmp = self.dir / f".{self.NAME}.tmp"
-        trainer.save_checkpoint(str(tmp), weights_only=False)  # + optimizer state; collective under FSDP, then a barrier
-        if trainer.is_global_zero:
+        # the background writer replaces last.ckpt atomically itself; other writers write a temporary name, swapped in
+        target = self.path if writer else self.dir / f".{self.NAME}.tmp"
+        trainer.save_checkpoint(str(target), weights_only=False)  # + optimizer state; collective under FSDP
+        if writer is None and trainer.is_global_zero:
             old = self.dir / f".{self.NAME}.old"
-            if tmp.is_dir():  # a distributed checkpoint is a folder: sign it, swap it in, then drop the old one
-                write_manifest(tmp)
+            if target.is_dir():  # a distributed checkpoint is a folder: sign it, swap it in, then drop the old one
+                write_manifest(target)
                 shutil.rmtree(old, ignore_errors=True)
                 if self.path.exists():
                     os.replace(self.path, old)
-                os.replace(tmp, self.path)
+                os.replace(target, self.path)
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(tmp, self.path)
+                os.replace(target, self.path)
         trainer.strategy.barrier("mtrain.last_checkpoint")
         self.saved_step = trainer.global_step
         excluded(pl_module, "checkpoint", time.perf_counter() - t0)
@@ -161,9 +160,9 @@ class LastCheckpoint(Callback):
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):  # SIGTERM/SIGUSR1, SIGINT (Ctrl-C)
             exception.mtrain_checkpoint = str(self.save(trainer, pl_module))
             exception.mtrain_step = trainer.global_step
-            io = trainer.strategy.checkpoint_io
-            if isinstance(io, BackgroundCheckpointIO):
-                io.wait()  # on disk before the CLI's status.json names it or SLURM requeues the job
+            writer = _background_writer(trainer)
+            if writer is not None:
+                writer.wait()  # on disk before the CLI's status.json names it or SLURM requeues the job
 
 
 class StopOnSignal(Callback):
