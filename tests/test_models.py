@@ -388,6 +388,35 @@ def test_training_loss_and_gradients_match_transformers_fp32(name, backend, tmp_
         assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routed_experts_keep_only_the_gate_up_output_for_the_backward(backend):
+    """What the experts keep for the backward is the input (which the router keeps anyway), the [S, 2I] gate/up
+    output and index vectors: not the gathered input, the activation or the expert outputs (each [S, H] or [S, I],
+    ~0.7 GiB a layer at the Qwen3-30B-A3B shape and 8k tokens)."""
+    from mtrain.models.grouped import routed_experts
+
+    T, H, I, E, k = 64, 32, 16, 8, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=g, requires_grad=True)
+    weights = torch.rand(T, k, generator=g).requires_grad_()
+    idx = torch.rand(T, E, generator=g).topk(k, dim=-1).indices
+    gate_up = torch.randn(E, 2 * I, H, generator=g, requires_grad=True)
+    down = torch.randn(E, H, I, generator=g, requires_grad=True)
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in {p.untyped_storage().data_ptr() for p in (x, gate_up, down, weights)}:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = routed_experts(x, weights, idx, gate_up, down, backend)
+    S = T * k
+    assert sum(kept.values()) <= S * 2 * I * 4 + 2 * S * 8 + E * 8  # h (fp32 here), the order, its inverse, counts
+    y.square().sum().backward()  # and the backward runs from what it kept (gradients: the parity tests)
+    assert all(t.grad is not None for t in (x, weights, gate_up, down))
+
+
 def test_rope_fp32_rotates_in_fp32_and_changes_the_bf16_model():
     """rope_fp32: the rotation runs in fp32 and is rounded to bf16 once (the engines' RL mode); off, it runs in bf16
     as transformers does. Both the layer and the policy's wiring into the model are checked."""

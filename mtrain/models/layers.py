@@ -119,14 +119,17 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if self.n_kv != self.n_heads:  # expand here: every SDPA backend takes it, enable_gqa is not universal
+        causal = attn_mask is None and q.shape[2] == k.shape[2]
+        # causal on CUDA (training, full-sequence scoring): the flash kernel reads the kv heads as they are, and the
+        # backward keeps them unexpanded. Elsewhere expand them here: every SDPA backend takes that.
+        gqa = self.n_kv != self.n_heads and causal and x.is_cuda
+        if self.n_kv != self.n_heads and not gqa:
             rep = self.n_heads // self.n_kv
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        causal = attn_mask is None and q.shape[2] == k.shape[2]
         if attn_mask is None and not causal:  # a chunk appended after cached tokens: causal within, full to the past
             attn_mask = causal_mask(q.shape[2], k.shape[2], x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 

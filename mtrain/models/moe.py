@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grouped import routed_experts
 from .layers import SwiGLU
 from .routing import RoutingTrace
-
-_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 class Router(nn.Module):
@@ -138,8 +137,9 @@ class SigmoidGroupRouter(Router):
 class Experts(nn.Module):
     """E SwiGLU experts stored fused as in ``transformers`` v5: ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I].
 
-    Input rows arrive sorted by expert with ``counts[e]`` rows for expert e. On CUDA both GEMMs are one grouped GEMM
-    each; elsewhere (and with ``backend="loop"``) a plain per-expert loop computes exactly the per-expert products.
+    :func:`~mtrain.models.grouped.routed_experts` runs them: on CUDA in bf16 one grouped GEMM each (``backend``
+    ``"auto"``/``"grouped_mm"``), elsewhere (and with ``backend="loop"``) a loop computes exactly the per-expert
+    products; the backward pass keeps only the gate/up projection's output.
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, backend: str = "auto"):
@@ -148,19 +148,9 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        use_grouped = self.backend == "grouped_mm" or (self.backend == "auto" and x.is_cuda and x.dtype == torch.bfloat16)
-        if use_grouped and _grouped_mm is not None:
-            offs = counts.cumsum(0, dtype=torch.int32)
-            h = _grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs)
-            gate, up = h.chunk(2, dim=-1)
-            return _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
-        out = []
-        for e, rows in enumerate(x.split(counts.tolist())):
-            if rows.shape[0]:
-                gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
-                out.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-        return torch.cat(out) if out else x.new_zeros(0, x.shape[-1])
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden], the router's weights and expert ids [T, k] -> the weighted sum of each token's experts."""
+        return routed_experts(x, weights, idx, self.gate_up_proj, self.down_proj, self.backend)
 
 
 class MoE(nn.Module):
@@ -178,17 +168,7 @@ class MoE(nn.Module):
         weights, idx, logits, own = self.gate(x, forced)  # [T, k], [T, k], [T, E], [T, k] or None
         if trace is not None:
             trace.record(self.layer_idx, idx, logits, shape[:-1], own)
-        T, k = idx.shape
-        flat = idx.view(-1)
-        order = flat.argsort(stable=True)  # position in the sorted buffer -> (token, slot) pair
-        counts = torch.zeros(self.gate.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat)
-        )  # fixed-size (unlike bincount), so torch.compile sees static shapes
-        out_sorted = self.experts(x[order // k], counts)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        per_slot = out_sorted[inverse].view(T, k, -1)  # gather back to (token, slot): no scatter-add
-        y = torch.bmm(weights.to(per_slot.dtype).unsqueeze(1), per_slot).squeeze(1)
+        y = self.experts(x, weights, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
