@@ -356,6 +356,8 @@ def test_a_slow_checkpoint_write_does_not_lower_the_reported_training_throughput
     assert m["tokens_per_s"] == pytest.approx(m["train_tokens"] / m["train_seconds"])
     assert s["fit"] >= s["train_steps"] + s["checkpoint"] + s["validation"] - 1e-6
     assert set(s) >= {"startup", "fit", "train_steps", "validation", "checkpoint", "final_validation"}
+    # the job's end, from the last step on: the final validation and the wait for the last write are part of it
+    assert s["final_validation"] + s["checkpoint_wait_at_end"] <= s["after_last_step"] < m["wall_s"] - s["startup"]
 
 
 def test_clipping_folded_into_the_fused_adamw_step_equals_clip_then_step():

@@ -100,6 +100,7 @@ class MoELitModule(L.LightningModule):
         self._paused = 0.0  # their sum: left out of every training throughput
         self._steady: Optional[tuple[float, int, float]] = None  # (time, tokens, paused) after the first step
         self.steady_tokens_per_s: Optional[float] = None  # training throughput without the first step (compile)
+        self.last_step_at: Optional[float] = None  # perf_counter() when the last training batch ended
 
     # -- model ---------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -208,6 +209,7 @@ class MoELitModule(L.LightningModule):
                     self._mfu = self._win_flops / dt / (self.peak_tflops * 1e12) if self.peak_tflops > 0 else None
                 self._win_t0, self._win_tokens, self._win_flops = None, 0, 0.0
                 self._win_steps, self._win_paused = 0, 0.0
+        self.last_step_at = time.perf_counter()
         if self._tps is not None:
             self.log("train/tokens_per_s", self._tps)
             if self._mfu is not None:

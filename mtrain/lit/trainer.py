@@ -9,6 +9,7 @@ from typing import Any, Iterable, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from mtrain.data.sampler import ResumeData
@@ -94,7 +95,7 @@ def build_trainer(
         cbs += make_checkpoint(run_dir, has_val, save_top_k, checkpoint_every)
     if isinstance(kw.get("strategy", "auto"), str) and "plugins" not in kw:  # trainer=fsdp: distributed checkpoints
         kw["plugins"] = [BackgroundCheckpointIO()]  # written in a thread: the loop waits for a host copy only
-    return L.Trainer(
+    trainer = L.Trainer(
         default_root_dir=str(run_dir),
         logger=make_loggers(run_dir, resume) if loggers else False,
         callbacks=cbs,
@@ -102,3 +103,22 @@ def build_trainer(
         enable_model_summary=False,  # the tasks log their own one-line summary (total and active parameters)
         **kw,
     )
+    if type(trainer.strategy) is SingleDeviceStrategy:
+        trainer.strategy.__class__ = _StayOnDevice
+    return trainer
+
+
+class _StayOnDevice(SingleDeviceStrategy):
+    """Lightning's teardown at the end of every fit moves the optimizer state and the model to the CPU, after which
+    the job's final validation, accuracy and export move the model back. This one frees the optimizer state (every
+    save has its own copy of it) and leaves the model where it is. For a 3.1B-parameter model with its AdamW moments
+    on an H200 (the ``cli_loop`` rows of 2026-11-29), the job's end outside validation and checkpoint waits went from
+    24 s to 6 s."""
+
+    def teardown(self) -> None:
+        for opt in self.optimizers:
+            opt.state.clear()
+        self.precision_plugin.teardown()
+        assert self.accelerator is not None
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()

@@ -127,7 +127,7 @@ def run(job: Job) -> dict[str, Any]:
             files["hf_model"] = str(dest)
     # where the wall time went; the fit's other time (data, logging, loop) is fit - train_steps - validation - checkpoint
     metrics["seconds"] = seconds
-    return finish(out, metrics, files, t_start, trainer.is_global_zero, print_summary)
+    return finish(out, metrics, files, t_start, trainer.is_global_zero, print_summary, last_step_at=lit.last_step_at)
 
 
 def print_summary(m: dict[str, Any]) -> None:
