@@ -1,0 +1,103 @@
+"""Where a training step's GPU time goes: mtrain (compiled layers) and transformers (eager, grouped_mm), one GPU.
+
+    python benchmarks/profile_step.py                      # GLM-4.5-Air shape, 4 layers, 4 x 2048 tokens, bf16, rl=on
+    python benchmarks/profile_step.py --shape qwen3_30b_a3b
+
+``torch.profiler`` over a few fwd+bwd steps after warm-up; every CUDA kernel's time is summed into a category by
+its name (attention, expert grouped GEMMs, other GEMMs, compiled fused kernels, copies/indexing, the rest) and
+printed per step, with the step's wall time between CUDA events (the gap is time the GPU waited for the host) and
+the largest kernels, so the categories can be checked by eye. Appends one row to benchmarks/results.jsonl (and $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import append_results, batch, card, make_hf, make_mtrain, mtrain_config, time_cuda  # noqa: E402
+
+# first match wins; names are lower-cased kernel names
+CATEGORIES = [
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("expert grouped GEMM", ("grouped", "groupproblemshape", "ptrarray", "group_gemm", "groupgemm")),
+    ("other GEMM", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "sm90_")),
+    ("compiled fused (triton)", ("triton",)),
+    ("copy / index / sort", ("copy", "memcpy", "memset", "index", "gather", "scatter", "sort", "radix", "cat", "fill")),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other elementwise / reduce"
+
+
+def profile(step, steps: int) -> dict:
+    """Kernel time per category and the largest kernels, per step (ms), over ``steps`` profiled steps."""
+    step_s = time_cuda(step, warmup=3, iters=steps)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = collections.defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name] += e.time_range.elapsed_us() / 1e3 / steps  # the kernel itself; us -> ms, per step
+    cats: dict[str, float] = collections.defaultdict(float)
+    for name, ms in per_kernel.items():
+        cats[category(name)] += ms
+    busy = sum(cats.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {"step_ms": round(step_s * 1e3, 2), "kernel_ms": round(busy, 2),
+            "categories_ms": {c: round(v, 2) for c, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [(category(n), n[:200], round(v, 2)) for n, v in top]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="glm45_air")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4)
+    a = p.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    cfg = mtrain_config(a.shape, a.layers)
+    ids, targets = batch(cfg, 4, 2048, "cuda")
+    model = make_mtrain(cfg, "cuda", rl=True).train()
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    model.compile_layers()
+
+    def ours():
+        model.zero_grad(set_to_none=True)
+        model.loss(ids, targets).backward()
+
+    rows = {"mtrain rl=on, compiled layers": profile(ours, a.steps)}
+    del model
+    torch.cuda.empty_cache()
+    hf = make_hf(cfg, "cuda", state).train()
+
+    def ref():
+        hf.zero_grad(set_to_none=True)
+        hf(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    rows["transformers eager (grouped_mm)"] = profile(ref, a.steps)
+    for side, r in rows.items():
+        print(f"\n{side}: step {r['step_ms']} ms, kernels {r['kernel_ms']} ms "
+              f"({r['step_ms'] - r['kernel_ms']:.1f} ms the GPU waited)")
+        for c, ms in r["categories_ms"].items():
+            print(f"  {ms:8.2f} ms  {100 * ms / r['kernel_ms']:5.1f}%  {c}")
+        print("  largest kernels:")
+        for cat, n, ms in r["top_kernels_ms"]:
+            print(f"  {ms:8.2f} ms  [{cat}] {n[:150]}")
+    append_results([{"bench": "profile_step", "shape": a.shape, "layers": a.layers, "tokens": "4x2048", "rl": True,
+                     "card": card(), **rows}])
+
+
+if __name__ == "__main__":
+    main()
