@@ -65,6 +65,15 @@ def _history(d: Path) -> list[dict]:
     return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(open(d / "csv" / "metrics.csv"))]
 
 
+def k3_trend(history: list[dict]) -> tuple[float, float]:
+    """Mean k3 of the first and of the last quarter of a run's steps (nan where none was measured)."""
+    k3 = [r["mismatch/k3"] for r in history if "mismatch/k3" in r and r["mismatch/k3"] == r["mismatch/k3"]]
+    q = len(k3) // 4
+    if q == 0:
+        return float("nan"), float("nan")
+    return sum(k3[:q]) / q, sum(k3[-q:]) / q
+
+
 def report(out: Path, noise: float = NOISE) -> Path:
     runs: dict[str, dict[int, tuple[dict, list[dict]]]] = {}
     for d in sorted(p for p in out.iterdir() if (p / "metrics.json").is_file()):
@@ -79,8 +88,9 @@ def report(out: Path, noise: float = NOISE) -> Path:
 
     clean = {s: m["val_accuracy"] for s, (m, _) in runs.get("clean", {}).items()}
     lines = ["| config | held-out accuracy per seed (warm start -> end) | mean end | vs clean | seeds >= 10 pts below "
-             "clean | k3 mean | routing disagr. trained | routing disagr. own | ESS | masked |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "clean | k3 mean | k3 first -> last quarter of the steps, per seed | seeds with k3 rising (>= 2x) | "
+             "routing disagr. trained | routing disagr. own | ESS | masked |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in CONFIGS:
         if config not in runs:
             continue
@@ -90,9 +100,13 @@ def report(out: Path, noise: float = NOISE) -> Path:
                              for s, m in zip(seeds, ms))
         gaps = [100 * (m["val_accuracy"] - clean[s]) for s, m in zip(seeds, ms) if s in clean]
         below = sum(g <= -10 for g in gaps)
+        trends = [k3_trend(runs[config][s][1]) for s in seeds]
+        rising = sum(last >= 2 * first and last > 1e-6 for first, last in trends)  # (nan compares False)
+        trend = ", ".join(f"s{s}: {first:.1e}->{last:.1e}" for s, (first, last) in zip(seeds, trends))
         lines.append(
             f"| {LABELS[config]} | {per_seed} | {100 * mean([m['val_accuracy'] for m in ms]):.1f}% | "
             f"{mean(gaps):+.1f} pts | {below}/{len(gaps)} | {mean([m.get('mismatch_k3_mean', float('nan')) for m in ms]):.2e} | "
+            f"{trend} | {rising}/{len(seeds)} | "
             f"{100 * mean([m.get('mismatch_routing_disagreement_mean', float('nan')) for m in ms]):.2f}% | "
             f"{100 * mean([m.get('mismatch_routing_disagreement_own_mean', float('nan')) for m in ms]):.2f}% | "
             f"{mean([m.get('correction_ess_mean', float('nan')) for m in ms]):.4f} | "

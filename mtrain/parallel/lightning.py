@@ -46,6 +46,7 @@ class FSDPPlan:
     seed: int = 0
     reshard_after_forward: bool = True
     gate_mismatch: str = "warn"
+    compile: bool = False  # torch.compile each decoder layer after sharding (CUDA): FSDP's hooks stay outside it
 
     def apply(self, model: MoECausalLM, mesh, device: torch.device) -> Optional[LoadStats]:
         """Idempotent: a model that is already sharded is left as is (configure_model runs for fit and validate)."""
@@ -60,9 +61,17 @@ class FSDPPlan:
             stats = load_sharded(model, self.checkpoint, gate_mismatch=self.gate_mismatch)
             log.info("rank shards filled from %s: read %.1f of %.1f MB", self.checkpoint, stats.bytes_read / 2**20,
                      stats.bytes_total / 2**20)
+            self._compile(model, device)
             return stats
         init_sharded(model, self.seed)
+        self._compile(model, device)
         return None
+
+    def _compile(self, model: MoECausalLM, device: torch.device) -> None:
+        # torch._dynamo skips FSDP2's hooks (skip_fsdp_hooks): the all-gathers run eagerly around each compiled layer
+        if self.compile and device.type == "cuda":
+            model.compile_layers()
+            log.info("trainer=fsdp: decoder layers compiled after sharding (task.compile)")
 
 
 def plan_for(precision: str, checkpoint: Optional[str] = None, seed: int = 0) -> FSDPPlan:

@@ -61,8 +61,8 @@ def run(job: Job) -> dict[str, Any]:
     if t.compile and s.cuda:
         if s.fsdp is None:
             model.compile_layers()
-        else:
-            log.warning("trainer=fsdp: task.compile is ignored (torch.compile + FSDP2 is not validated in mtrain yet)")
+        else:  # compiled after sharding, in configure_model
+            s.fsdp.compile = True
     lit = MoELitModule(
         model, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
         betas=tuple(t.betas), eps=t.eps, peak_tflops=peak_tflops(t.peak_tflops, s.cuda), sharding=s.fsdp,
