@@ -85,8 +85,9 @@ def _to_host_on_side_stream(snapshot: dict[str, Any], ready: "torch.cuda.Event",
 
 
 class BackgroundCheckpointIO(StreamingCheckpointIO):
-    """:class:`StreamingCheckpointIO` in a background thread, after a host copy of the checkpoint's tensors.
-    ``write_seconds`` sums the background writes."""
+    """:class:`StreamingCheckpointIO` in a background thread, after a snapshot of the checkpoint's tensors (a device
+    copy where the GPU has room, else a host copy). ``write_seconds`` sums the background writes (with the device
+    snapshots' copies to host memory)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -102,7 +103,7 @@ class BackgroundCheckpointIO(StreamingCheckpointIO):
         if device is not None:
             snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(device))
         else:
             snapshot = apply_to_collection(checkpoint, torch.Tensor, _host_copy)
         self.device_snapshots += device is not None
