@@ -22,6 +22,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 NOISE = 0.1  # router-logit noise std (--noise): 5-10% of per-layer routing decisions differ on the demo's warm starts
 
 
@@ -149,6 +151,25 @@ def _figure(out: Path, runs) -> None:
         a2.legend(fontsize=7)
 
 
+def results_rows(out: Path, noise: float, card: str, command: str) -> None:
+    """Append one ``mismatch_story`` row per job of ``out`` to benchmarks/results.jsonl (and $OUT)."""
+    from benchmarks.common import append_results
+
+    rows = []
+    for d in sorted(p for p in out.iterdir() if (p / "metrics.json").is_file()):
+        config, seed = d.name.rsplit("_s", 1)
+        m, history = json.loads((d / "metrics.json").read_text()), _history(d)
+        first, last = k3_trend(history)
+        rows.append({"bench": "mismatch_story", "card": card, "router_noise": noise, "command": command,
+                     "config": config, "seed": int(seed), "val_accuracy_before": m.get("val_accuracy_before"),
+                     "val_accuracy": m.get("val_accuracy"), "mismatch_k3_mean": m.get("mismatch_k3_mean"),
+                     "k3_first_quarter": first, "k3_last_quarter": last,
+                     "routing_disagreement_mean": m.get("mismatch_routing_disagreement_mean"),
+                     "routing_disagreement_own_mean": m.get("mismatch_routing_disagreement_own_mean"),
+                     "correction_ess_mean": m.get("correction_ess_mean"), "wall_s": m.get("wall_s")})
+    append_results(rows)
+
+
 def _smooth(xs: list[float], k: int = 10) -> list[float]:
     return [sum(xs[max(0, i - k + 1) : i + 1]) / len(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]
 
@@ -166,9 +187,13 @@ if __name__ == "__main__":
     p = sub.add_parser("report")
     p.add_argument("out", type=Path)
     p.add_argument("--noise", type=float, default=NOISE, help="the noise the run used (for the title)")
+    p.add_argument("--rows", metavar="CARD", help="also append a results row per job, naming the machine it ran on")
+    p.add_argument("--command", default="", help="with --rows: the run command, for the rows")
     a = ap.parse_args()
     if a.cmd == "run":
         run(a.out, a.seeds, a.parallel, a.extra, a.noise, a.configs)
         report(a.out, a.noise)
     else:
         report(a.out, a.noise)
+        if a.rows:
+            results_rows(a.out, a.noise, a.rows, a.command)
