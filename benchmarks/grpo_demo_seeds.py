@@ -62,7 +62,7 @@ def main() -> None:
     rows = run(a.out, a.seeds, a.parallel, a.extra, a.variants)
     date = datetime.date.today().isoformat()
     for r in rows:
-        print(json.dumps({"date": date, "card": a.card, "bench": "grpo_demo_seeds", **r}))
+        print(json.dumps({"date": date, "card": a.card, "bench": "grpo_demo_seeds", "extra": a.extra, **r}))
     ends = {}
     for r in rows:
         ends.setdefault(r["variant"], []).append(r["val_accuracy"])
