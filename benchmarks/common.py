@@ -71,6 +71,33 @@ def make_hf(cfg, device, state_dict=None, dtype=torch.bfloat16):
     return model
 
 
+def ours_step(model, ids, targets):
+    """One fwd+bwd of mtrain's causal-LM loss (targets already shifted)."""
+    model.loss(ids, targets).backward()
+
+
+def hf_step(model, ids, targets):
+    """One fwd+bwd of transformers' causal-LM loss (it shifts the labels itself)."""
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+
+def run_cli(overrides: list[str], cwd, run_dir) -> tuple[dict, float]:
+    """``python -m mtrain <overrides>`` in a subprocess, as a user runs it: its ``metrics.json`` and the command's wall
+    seconds; exits with the job's stderr tail if it fails."""
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "mtrain", *overrides, f"hydra.run.dir={run_dir}"], cwd=cwd,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"the CLI run failed ({done.returncode}): {done.stderr[-2000:]}")
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return json.load(f), wall
+
+
 def batch(cfg, batch_size: int, seq: int, device, seed: int = 0):
     g = torch.Generator(device=device).manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (batch_size, seq), device=device, generator=g)

@@ -9,16 +9,13 @@ Prints the table rows and appends one ``default_job`` row per command to benchma
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, run_cli  # noqa: E402
 
 COMMANDS = ["", "rl=on model=glm4_moe", "model=qwen3_moe"]
 
@@ -29,12 +26,7 @@ def main() -> None:
     a = p.parse_args()
     rows = []
     for extra in COMMANDS:
-        run_dir = Path(tempfile.mkdtemp()) / "run"
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "mtrain", *extra.split(), f"hydra.run.dir={run_dir}"], cwd=REPO,
-                       check=True, capture_output=True)
-        wall = time.perf_counter() - t0
-        m = json.loads((run_dir / "metrics.json").read_text())
+        m, wall = run_cli(extra.split(), REPO, Path(tempfile.mkdtemp()) / "run")
         rows.append({"bench": "default_job", "card": a.card, "command": f"python -m mtrain {extra}".strip(),
                      "train_loss_first": round(m["train_loss_first"], 3), "train_loss_last": round(m["train_loss_last"], 3),
                      "val_loss": round(m["val_loss"], 4), "val_accuracy_before": m["val_accuracy_before"],

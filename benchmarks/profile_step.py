@@ -19,7 +19,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_results, batch, card, make_hf, make_mtrain, mtrain_config, time_cuda  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    append_results, batch, card, hf_step, make_hf, make_mtrain, mtrain_config, ours_step, time_cuda,
+)
 
 # first match wins; names are lower-cased kernel names
 CATEGORIES = [
@@ -75,7 +77,7 @@ def main() -> None:
 
     def ours():
         model.zero_grad(set_to_none=True)
-        model.loss(ids, targets).backward()
+        ours_step(model, ids, targets)
 
     rows = {"mtrain rl=on, compiled layers": profile(ours, a.steps)}
     del model
@@ -84,7 +86,7 @@ def main() -> None:
 
     def ref():
         hf.zero_grad(set_to_none=True)
-        hf(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        hf_step(hf, ids, targets)
 
     rows["transformers eager (grouped_mm)"] = profile(ref, a.steps)
     for side, r in rows.items():

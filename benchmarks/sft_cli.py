@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import append_results, card  # noqa: E402
+from benchmarks.common import append_results, card, run_cli  # noqa: E402
 
 GPU = ["experiment=qwen3_30b_a3b_shape", "rl=on", "data.packing=true", "data.max_length=2048", "data.batch_size=4",
        "data.num_digits=3", "data.num_train=60000", "data.num_val=64", "task.accuracy=false",
@@ -96,14 +93,7 @@ def bare_loop(overrides: list[str], warmup: int, steps: int) -> dict:
 
 
 def cli_run(overrides: list[str], steps: int) -> dict:
-    run_dir = Path(tempfile.mkdtemp()) / "run"
-    cmd = [sys.executable, "-m", "mtrain", *overrides, f"trainer.max_steps={steps}", f"hydra.run.dir={run_dir}"]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"the CLI run failed ({done.returncode}): {done.stderr[-2000:]}")
-    m = json.loads((run_dir / "metrics.json").read_text())
+    m, wall = run_cli([*overrides, f"trainer.max_steps={steps}"], REPO, Path(tempfile.mkdtemp()) / "run")
     return {"tokens_per_s_steady": m["tokens_per_s_steady"], "tokens_per_s": m["tokens_per_s"],
             "seconds": m["seconds"], "job_wall_s": wall}
 

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
-    append_results, batch, card, flops_per_token, make_hf, make_mtrain, matmul_tflops, mtrain_config,
-    spec_peak_tflops, time_cuda,
+    append_results, batch, card, flops_per_token, hf_step, make_hf, make_mtrain, matmul_tflops, mtrain_config,
+    ours_step, spec_peak_tflops, time_cuda,
 )
 
 
@@ -102,15 +102,6 @@ def train_tokens_per_s(model, step, ids, targets) -> tuple[float, float]:
     free()
     t = time_cuda(run, warmup=args.warmup, iters=args.iters)
     return ids.numel() / t, torch.cuda.max_memory_allocated() / 2**30
-
-
-def ours_step(model, ids, targets):
-    model.loss(ids, targets).backward()
-
-
-def hf_step(model, ids, targets):
-    labels = ids  # transformers shifts labels itself
-    model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
 
 
 def hf_reference(cfg, state, ids, targets, compiled: bool):
