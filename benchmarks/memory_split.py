@@ -50,7 +50,7 @@ def saved_tensors(model, loss_fn, ids, targets, top: int = 14) -> list[dict]:
     import re
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    stack, seen = ["(top)"], {}
+    stack, seen = ["(top)"], set()
     groups: dict = collections.defaultdict(lambda: [0, 0])
 
     def push(name):
@@ -69,7 +69,7 @@ def saved_tensors(model, loss_fn, ids, targets, top: int = 14) -> list[dict]:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr not in params and ptr not in seen:
-            seen[ptr] = True
+            seen.add(ptr)
             g = groups[(stack[-1], tuple(t.shape), str(t.dtype).replace("torch.", ""))]
             g[0] += 1
             g[1] += storage.nbytes()

@@ -100,10 +100,11 @@ class _RoutedExperts(torch.autograd.Function):
         w_sorted = weights.reshape(-1)[order]  # the weight of each sorted pair, fp32
         dy_sorted = dy[src]
         g = groups.mm(dy_sorted, down)  # [S, I]: d(o)/d(a) applied to the token's dy, before the weight
-        d_weights = (g.float() * act.float()).sum(-1)[inverse].view(T, k).to(weights.dtype)
-        d_act = (g.float() * w_sorted[:, None]).to(h.dtype)
-        d_down = groups.mm_t(dy_sorted, (act.float() * w_sorted[:, None]).to(act.dtype))
-        del g, act, dy_sorted
+        g32, act32 = g.float(), act.float()
+        d_weights = (g32 * act32).sum(-1)[inverse].view(T, k).to(weights.dtype)
+        d_act = (g32 * w_sorted[:, None]).to(h.dtype)
+        d_down = groups.mm_t(dy_sorted, (act32 * w_sorted[:, None]).to(act.dtype))
+        del g, g32, act, act32, dy_sorted
         dh = _swiglu_backward(h, d_act)
         d_gate_up = groups.mm_t(dh, x[src])
         dx_sorted = groups.mm(dh, gate_up)  # [S, H]
