@@ -132,6 +132,7 @@ class SFTTaskConfig(OptimTaskConfig):
     accuracy_before: bool = True  # also measure accuracy before training (the random/initial model)
     save_top_k: int = 1  # best checkpoints kept by val/loss (plus last.ckpt)
     checkpoint_every_n_steps: int = 100  # last.ckpt every N optimizer steps (and at the end, and on SIGTERM); 0 = end only
+    checkpoints: bool = True  # false: no checkpoints at all (a throughput run, a sweep job nobody resumes)
 
 
 @dataclass

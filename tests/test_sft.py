@@ -386,3 +386,16 @@ def test_clipping_folded_into_the_fused_adamw_step_equals_clip_then_step():
                 o.zero_grad(set_to_none=True)
         for a, b in zip(models[0].parameters(), models[1].parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_false_writes_no_checkpoint(tmp_path, monkeypatch):
+    """task.checkpoints=false (throughput runs, sweep jobs nobody resumes): the fit saves nothing, not even at the end."""
+    from mtrain.tasks import sft
+
+    saves = []
+    real = L.Trainer.save_checkpoint
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", lambda self, *a, **kw: saves.append(1) or real(self, *a, **kw))
+    m = sft.run(prepared("trainer.max_steps=4", "task.checkpoint_every_n_steps=2", "task.checkpoints=false",
+                         "task.accuracy=false", "task.export=false", run_dir=tmp_path))
+    assert m["steps"] == 4 and saves == []
+    assert not (tmp_path / "checkpoints").exists() and m["files"]["checkpoints"] is None

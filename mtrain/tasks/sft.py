@@ -71,7 +71,8 @@ def run(job: Job) -> dict[str, Any]:
         check_resume(ckpt, lit, sharded=s.fsdp is not None)
     has_val = dm.val_set is not None
     curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
-    trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], save_top_k=t.save_top_k,
+    trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], checkpoint=t.checkpoints,
+                            save_top_k=t.save_top_k,
                             checkpoint_every=t.checkpoint_every_n_steps or None, resume=bool(ckpt),
                             multirun=job.multirun)
     t_fit = time.perf_counter()
@@ -116,7 +117,7 @@ def run(job: Job) -> dict[str, Any]:
         "metrics": str(out / "metrics.json"),
         "loss_curve": str(curve.written) if curve.written else None,
         "csv_log": str(Path(trainer.loggers[0].log_dir) / "metrics.csv"),
-        "checkpoints": str(out / "checkpoints"),
+        "checkpoints": str(out / "checkpoints") if t.checkpoints else None,
         "best_checkpoint": ckpt_cb.best_model_path or None if ckpt_cb is not None else None,
     }
     if t.export and (trainer.is_global_zero or s.fsdp is not None):  # a sharded export needs every rank
@@ -142,7 +143,7 @@ def print_summary(m: dict[str, Any]) -> None:
     tps = f", {tps:,.0f} tokens/s" if tps else ""
     print(f"\nmtrain sft: {m['steps']} steps in {m['wall_s']:.0f} s: {loss}{val}{acc}{tps}")
     rows = [("run dir", f["run_dir"]), ("metrics", "metrics.json"), ("loss curve", "loss_curve.png" if f["loss_curve"] else None),
-            ("logs", "csv/metrics.csv"), ("checkpoints", "checkpoints/ (last.ckpt, best by val/loss)"),
+            ("logs", "csv/metrics.csv"), ("checkpoints", "checkpoints/ (last.ckpt, best by val/loss)" if f["checkpoints"] else None),
             ("HF model", "hf_model/" if f.get("hf_model") else None)]
     for key, value in rows:
         if value:
