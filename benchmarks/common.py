@@ -81,15 +81,18 @@ def hf_step(model, ids, targets):
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
 
-def run_cli(overrides: list[str], cwd, run_dir) -> tuple[dict, float]:
-    """``python -m mtrain <overrides>`` in a subprocess, as a user runs it: its ``metrics.json`` and the command's wall
-    seconds; exits with the job's stderr tail if it fails."""
+def run_cli(overrides: list[str], cwd, run_dir, nproc: int | None = None) -> tuple[dict, float]:
+    """``python -m mtrain <overrides>`` in a subprocess, as a user runs it (``nproc``: under ``torchrun --standalone
+    --nproc_per_node nproc``): its ``metrics.json`` and the command's wall seconds; exits with the job's stderr tail
+    if it fails."""
     import subprocess
     import sys
     import time
 
+    launch = [sys.executable] if nproc is None else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "mtrain", *overrides, f"hydra.run.dir={run_dir}"], cwd=cwd,
+    done = subprocess.run([*launch, "-m", "mtrain", *overrides, f"hydra.run.dir={run_dir}"], cwd=cwd,
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:

@@ -73,7 +73,8 @@ def worker(a) -> None:
         model.activation_checkpointing = a.activation_checkpointing
         if a.compile:
             model.compile_layers()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95),  # fused on CUDA, as the CLI's
+                                **({"fused": True} if device.type == "cuda" else {}))
         with torch.no_grad():  # rank 0's rows of the first batch are the 1-GPU run's whole first batch
             ids, targets = (t.to(device) for t in rank_slice(batches[0], rank, world))
             out["first_loss_rank0_rows"] = model.loss(ids, targets).item()
@@ -86,6 +87,11 @@ def worker(a) -> None:
         seconds = time.perf_counter() - start
         out["tok_s_per_gpu"] = a.batch * a.seq * a.steps / seconds
         out["step_s"] = seconds / a.steps
+        if a.profile and device.type == "cuda":  # every rank steps (collectives); rank 0's kernels are reported
+            from benchmarks.profile_step import profile
+
+            it = iter(batches * 4)
+            out["profile"] = profile(lambda: train_steps(model, opt, [next(it)], device=device, grad_clip=1.0), 3)
         if device.type == "cuda":
             peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=device)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -112,7 +118,7 @@ def run_case(a, layers: int, world: int, timeout: float) -> dict:
             os.path.abspath(__file__), "--worker", "--json", path, "--shape", a.shape, "--layers", str(layers),
             "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup),
             "--precision", a.precision,
-        ] + (["--rl"] if a.rl else []) + (["--compile"] if a.compile else []) + (
+        ] + (["--rl"] if a.rl else []) + (["--compile"] if a.compile else []) + (["--profile"] if a.profile else []) + (
             ["--activation-checkpointing"] if a.activation_checkpointing else []
         )
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -149,6 +155,7 @@ def main(argv=None) -> None:
     p.add_argument("--rl", action="store_true", help="rl=on: fp32 router gates (own FSDP units) and fp32 RoPE")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also the kernel time by category of 3 steps (rank 0)")
     p.add_argument("--smoke", action="store_true", help="CPU/gloo, tiny shape: check the script, write no results")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

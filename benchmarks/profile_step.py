@@ -25,6 +25,8 @@ from benchmarks.common import (  # noqa: E402
 
 # first match wins; names are lower-cased kernel names
 CATEGORIES = [
+    ("collective (NCCL)", ("nccl",)),
+    ("optimizer (fused AdamW)", ("adam",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("expert grouped GEMM", ("grouped", "groupproblemshape", "ptrarray", "group_gemm", "groupgemm")),
     ("other GEMM", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "sm90_")),
