@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from mtrain.lit.clipping import clip_in_fused_step, is_fused
 from mtrain.models import FAMILIES, PrecisionPolicy, build_model
 from mtrain.models.flops import eval_flops_per_token, peak_tflops, train_flops_per_token
 
@@ -212,7 +213,9 @@ def train_steps(
         ids, targets = (t.to(device) for t in rank_slice(b, rank, world))
         loss = model.loss(ids, targets)
         loss.backward()
-        if grad_clip is not None:
+        if grad_clip is not None and is_fused(optimizer):  # what the CLI does (mtrain.lit.clipping)
+            clip_in_fused_step(optimizer, model.parameters(), grad_clip)
+        elif grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

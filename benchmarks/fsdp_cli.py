@@ -9,13 +9,15 @@ Each case is one CLI job with the ``sft_cli.py`` job's overrides plus ``trainer=
 weights sharded, bf16 compute, fp32 gradient reduce) and ``task.checkpoints=false`` (the distributed checkpoint of
 fp32 weights and AdamW moments would only add minutes of writing that ``tokens_per_s_steady`` does not count anyway).
 Weak scaling: every GPU gets ``data.batch_size`` sequences a step. Read from ``metrics.json``: ``tokens_per_s_steady``
-(per process, training steps after the first). Prints a table, the compile speed-up per world size and the scaling
+(per process, training steps after the first) and the last logging window's ``train/tokens_per_s`` from
+``csv/metrics.csv`` (what a long run settles at). Prints a table, the compile speed-up per world size and the scaling
 efficiency per compile setting; appends one ``fsdp_cli`` row per case to benchmarks/results.jsonl (and $OUT).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import tempfile
 from pathlib import Path
@@ -34,10 +36,14 @@ SMOKE_FSDP = [*FSDP, "trainer.accelerator=cpu", "trainer.precision=32-true"]
 def case(world: int, compiled: bool, steps: int, smoke: bool) -> dict:
     base = [*SMOKE, *SMOKE_FSDP] if smoke else [*GPU, *FSDP]
     overrides = [*base, f"trainer.devices={world}", f"task.compile={str(compiled).lower()}", f"trainer.max_steps={steps}"]
-    m, wall = run_cli(overrides, REPO, Path(tempfile.mkdtemp()) / "run", nproc=world)
+    run_dir = Path(tempfile.mkdtemp()) / "run"
+    m, wall = run_cli(overrides, REPO, run_dir, nproc=world)
     assert m["world_size"] == world, m["world_size"]
+    with open(run_dir / "csv" / "metrics.csv") as f:  # train/tokens_per_s: one value per log_every_n_steps window
+        windows = [float(r["train/tokens_per_s"]) for r in csv.DictReader(f) if r.get("train/tokens_per_s")]
     return {"world": world, "compile": compiled, "tok_s_per_gpu": m["tokens_per_s_steady"], "seconds": m["seconds"],
-            "job_wall_s": round(wall, 1), "train_loss_first": m["train_loss_first"], "overrides": " ".join(overrides)}
+            "tok_s_last_window": windows[-1] if windows else None, "job_wall_s": round(wall, 1),
+            "train_loss_first": m["train_loss_first"], "overrides": " ".join(overrides)}
 
 
 def main() -> None:
@@ -60,7 +66,8 @@ def main() -> None:
         for compiled in compiles:
             r = case(world, compiled, a.steps, a.smoke)
             runs.append(r)
-            print(f"{world} GPU(s), compile={compiled}: {r['tok_s_per_gpu']:,.0f} tokens/s per GPU; job "
+            print(f"{world} GPU(s), compile={compiled}: {r['tok_s_per_gpu']:,.0f} tokens/s per GPU after the first step, "
+                  f"{r['tok_s_last_window'] or 0:,.0f} in the last logging window; job "
                   f"{r['job_wall_s']:.0f} s; seconds {r['seconds']}", flush=True)
     by = {(r["world"], r["compile"]): r["tok_s_per_gpu"] for r in runs}
     for r in runs:
@@ -72,6 +79,7 @@ def main() -> None:
     if not a.no_save and not a.smoke:
         append_results([{"bench": "fsdp_cli", "gpus": r["world"], "compile": r["compile"], "steps": a.steps,
                          "tok_s_per_gpu": round(r["tok_s_per_gpu"]), "compile_speedup": r["compile_speedup"],
+                         "tok_s_last_window": r["tok_s_last_window"] and round(r["tok_s_last_window"]),
                          "scaling_efficiency": r["scaling_efficiency"], "train_loss_first": r["train_loss_first"],
                          "cli_seconds": r["seconds"], "job_wall_s": r["job_wall_s"], "overrides": r["overrides"],
                          "card": card()} for r in runs])

@@ -62,7 +62,10 @@ def worker(a) -> None:
     mesh = dp_mesh(device.type)
     stored, param_dtype, reduce_dtype = fsdp_precision(a.precision)
     cfg = mtrain_config(a.shape, a.layers)
-    batches = synthetic_batches(cfg.vocab_size, a.batch * world, a.seq, a.warmup + a.steps, seed=0)
+    if a.cli_data:  # the CLI benchmarks' data (sft_cli.py): packed synthetic arithmetic, not uniform random tokens
+        batches = cli_batches(world, a.batch, a.seq, a.warmup + a.steps)
+    else:
+        batches = synthetic_batches(cfg.vocab_size, a.batch * world, a.seq, a.warmup + a.steps, seed=0)
     out = {"world": world, "oom": False}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     try:
@@ -105,6 +108,20 @@ def worker(a) -> None:
     dist.destroy_process_group()
 
 
+def cli_batches(world: int, batch: int, seq: int, steps: int) -> list:
+    """Global batches of the ``sft_cli.py`` job's train loader (its packed rows, ``world * batch`` rows a step)."""
+    from benchmarks.sft_cli import GPU, compose
+    from mtrain.data import build_datamodule
+
+    cfg = compose([*GPU, f"data.batch_size={batch * world}", f"data.max_length={seq}"])
+    dm = build_datamodule(cfg.data)
+    dm.setup("fit")
+    rows = []
+    while len(rows) < steps:
+        rows += [(b["input_ids"], b["targets"]) for b in dm.train_dataloader()][: steps - len(rows)]
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # orchestrator
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,7 +135,7 @@ def run_case(a, layers: int, world: int, timeout: float) -> dict:
             os.path.abspath(__file__), "--worker", "--json", path, "--shape", a.shape, "--layers", str(layers),
             "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup),
             "--precision", a.precision,
-        ] + (["--rl"] if a.rl else []) + (["--compile"] if a.compile else []) + (["--profile"] if a.profile else []) + (
+        ] + (["--rl"] if a.rl else []) + (["--compile"] if a.compile else []) + (["--profile"] if a.profile else []) + (["--cli-data"] if a.cli_data else []) + (
             ["--activation-checkpointing"] if a.activation_checkpointing else []
         )
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -155,6 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--rl", action="store_true", help="rl=on: fp32 router gates (own FSDP units) and fp32 RoPE")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--cli-data", action="store_true", help="the CLI benchmarks' packed synthetic rows, not random tokens")
     p.add_argument("--profile", action="store_true", help="also the kernel time by category of 3 steps (rank 0)")
     p.add_argument("--smoke", action="store_true", help="CPU/gloo, tiny shape: check the script, write no results")
     p.add_argument("--timeout", type=float, default=900)

@@ -157,10 +157,53 @@ def _worker(out_dir: Path, ckpt: Path) -> None:
     export_hf(model, out_dir / "export", max_shard_size="24KB")
     export_hf(model, out_dir / "export_bf16", max_shard_size="24KB", dtype=torch.bfloat16)
 
+    # 6. clipping folded into the fused AdamW step on sharded gradients == clip_grad_norm_ + step on the whole model
+    res["fused_clip"] = _fused_clip_check(cfg, mesh, device)
+
     if rank == 0:
         (out_dir / "results.json").write_text(json.dumps(res, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _fused_clip_check(cfg, mesh, device) -> dict:
+    """One step of the sharded model with mtrain's clip-in-fused-step against clip_grad_norm_ + fused AdamW on an
+    unsharded copy with the same weights and the whole batch. eps=1 makes the update depend on the clip coefficient
+    (Adam without eps would undo any gradient scale)."""
+    from mtrain.lit.clipping import clip_in_fused_step
+    from mtrain.models import build_model
+    from mtrain.parallel import apply_fsdp
+
+    ids, targets = batches()[0]
+    sharded, full = (build_model(cfg, policy=PrecisionPolicy(True), seed=3) for _ in range(2))
+    apply_fsdp(sharded, mesh)
+    kw = dict(lr=0.1, eps=1.0, fused=True)
+    opt, ref_opt = torch.optim.AdamW(sharded.parameters(), **kw), torch.optim.AdamW(full.parameters(), **kw)
+    train_steps(sharded, _NoStep(), [(ids, targets)], device=device)  # gradients only (FSDP averages over ranks)
+    full.loss(ids, targets).backward()
+    out = {}
+    for name, max_norm in (("clips", 0.05), ("no_clip", 1e6)):
+        ref_norm = torch.nn.utils.clip_grad_norm_(full.parameters(), max_norm)
+        norm = clip_in_fused_step(opt, sharded.parameters(), max_norm)
+        out[f"{name}_norm"], out[f"{name}_ref_norm"] = norm.item(), ref_norm.item()
+        if name == "clips":
+            opt.step()
+            ref_opt.step()
+            ref = dict(full.named_parameters())
+            out["max_diff"] = max((p.full_tensor() - ref[n]).abs().max().item() for n, p in sharded.named_parameters())
+            out["max_update"] = max((p.full_tensor() - q).abs().max().item() for (n, p), q in zip(
+                sharded.named_parameters(), build_model(cfg, policy=PrecisionPolicy(True), seed=3).parameters()))
+    return out
+
+
+class _NoStep:
+    """An optimizer that keeps the gradients (train_steps' step and zero_grad do nothing)."""
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        pass
 
 
 def _max_slice_diff(sharded, full, local_region) -> float:
@@ -283,6 +326,16 @@ def test_streamed_export_loads_and_gives_same_logits(sharded_run):
     assert dtypes["model.layers.1.mlp.gate.e_score_correction_bias"] == "F32"
     assert dtypes["model.layers.1.mlp.experts.0.gate_proj.weight"] == "BF16"
     assert json.loads((root / "export_bf16" / "mtrain_precision.json").read_text())["gate_dtype"] == "float32"
+
+
+def test_clipping_in_the_fused_step_on_sharded_gradients_equals_clip_then_step(sharded_run):
+    """Under trainer=fsdp on the GPU the clip coefficient rides in the fused AdamW step (mtrain.lit.clipping): the
+    total norm of the 2 ranks' gradient shards is the whole model's, and the update equals clip_grad_norm_ + step."""
+    r = sharded_run[1]["fused_clip"]
+    for name in ("clips", "no_clip"):
+        assert r[f"{name}_norm"] == pytest.approx(r[f"{name}_ref_norm"], rel=1e-5)
+    assert r["clips_norm"] > 0.05 * 10  # the limit really clips
+    assert r["max_diff"] < 1e-6 < 1e-3 < r["max_update"]
 
 
 def test_multirun_with_several_devices_is_refused_without_torchrun(monkeypatch):

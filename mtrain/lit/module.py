@@ -135,10 +135,9 @@ class MoELitModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by norm inside the fused AdamW step when there is one (``mtrain.lit.clipping``: no separate scaling
-        pass over the gradients); Lightning's clipping otherwise (CPU, FSDP's sharded gradients, clip by value)."""
+        pass over the gradients; FSDP's sharded gradients too); Lightning's clipping otherwise (CPU, clip by value)."""
         opt = getattr(optimizer, "optimizer", optimizer)
-        if (gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm" and self.sharding is None
-                and is_fused(opt)):
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm" and is_fused(opt):
             clip_in_fused_step(opt, self.model.parameters(), float(gradient_clip_val))
             return
         no_clip(opt)
