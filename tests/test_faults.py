@@ -362,3 +362,22 @@ def test_the_signals_that_requeue_a_slurm_job():
     assert requeue_signals({"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_PREEMPT_SIGNAL": "USR1"}) == ("SIGUSR1",)
     assert requeue_signals({"SUBMITIT_EXECUTOR": "local"}) == ("SIGUSR1",)
     assert slurm_restarted({"SLURM_RESTART_COUNT": "1"}) and not slurm_restarted({"SLURM_RESTART_COUNT": "0"})
+
+
+def test_the_multi_process_sigterm_broadcast_runs_every_logging_interval(tmp_path, monkeypatch):
+    """Lightning's per-batch broadcast of rank 0's SIGTERM flag (a host sync each step with several processes) runs
+    on the steps of the logging interval only, decided from global_step so that every rank joins the same ones."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    from test_sft import prepared
+    from mtrain.lit import build_trainer
+
+    import lightning as L
+
+    step, calls = [0], []
+    monkeypatch.setattr(L.Trainer, "global_step", property(lambda self: step[0]))
+    monkeypatch.setattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor", lambda self: calls.append(step[0]))
+    trainer = build_trainer(prepared("trainer.log_every_n_steps=4", run_dir=tmp_path).cfg, tmp_path)
+    for step[0] in range(10):
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor()  # what the loop calls before each batch
+    assert calls == [0, 4, 8]

@@ -105,7 +105,28 @@ def build_trainer(
     )
     if type(trainer.strategy) is SingleDeviceStrategy:
         trainer.strategy.__class__ = _StayOnDevice
+    sigterm_check_every(trainer, int(kw.get("log_every_n_steps") or 1))
     return trainer
+
+
+def sigterm_check_every(trainer: L.Trainer, every: int) -> None:
+    """With more than one process, Lightning broadcasts rank 0's SIGTERM flag before *every* training batch and reads
+    it back with ``.item()``: a host sync a step, which drains the GPU's queue and leaves it idle while the next
+    step's launches catch up (Lightning issue #21487; PR #21640 proposes ``broadcast_sigterm_every_n_steps``). Here
+    it runs on the batches of every ``every``-th optimizer step (the logging interval, where the loop syncs anyway).
+    Every rank decides from ``global_step`` alone, so all of them join the same broadcasts. What it costs: when only
+    rank 0 gets the signal, the others learn of it up to ``every`` steps later (torchrun and SLURM signal every
+    rank; each rank also stops on its own flag, as before)."""
+    loop = trainer.fit_loop.epoch_loop
+    broadcast = getattr(loop, "_broadcast_sigterm_tensor", None)
+    if broadcast is None or every <= 1:
+        return
+
+    def every_n_steps() -> None:
+        if trainer.global_step % every == 0:
+            broadcast()
+
+    loop._broadcast_sigterm_tensor = every_n_steps
 
 
 class _StayOnDevice(SingleDeviceStrategy):
