@@ -82,6 +82,8 @@ class TrainerConfig:
     gradient_clip_val: Optional[float] = 1.0
     accumulate_grad_batches: int = 1
     enable_progress_bar: bool = True
+    profiler: Optional[str] = None  # "simple" (host seconds per loop action) or "advanced" (cProfile per action):
+    # Lightning's profilers, written to <run dir>/fit-profile.txt at the end of the fit
 
 
 # -- tasks ----------------------------------------------------------------------------------------------------------

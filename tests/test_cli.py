@@ -111,6 +111,7 @@ def test_config_errors_exit_nonzero_naming_the_key(cli, args, needle):
         (["model.name=qwen3_moe"], None, "mtrain: error: model.name='qwen3_moe' does not match"),
         (["model.dtype=float64"], None, "mtrain: error: model.dtype='float64' is not one of"),
         (["data.task=nope"], None, "mtrain: error: data.task='nope' is not valid"),  # a DataError, from task=sft
+        (["trainer.profiler=gprof"], None, "mtrain: error: trainer.profiler='gprof' is not one of simple, advanced"),
     ],
 )
 def test_our_errors_are_one_line_exit_2(cli, tmp_path, args, env, first):

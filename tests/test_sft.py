@@ -388,14 +388,17 @@ def test_clipping_folded_into_the_fused_adamw_step_equals_clip_then_step():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_checkpoints_false_writes_no_checkpoint(tmp_path, monkeypatch):
-    """task.checkpoints=false (throughput runs, sweep jobs nobody resumes): the fit saves nothing, not even at the end."""
+def test_checkpoints_false_writes_no_checkpoint_and_the_profiler_reports_the_loop(tmp_path, monkeypatch):
+    """task.checkpoints=false (throughput runs, sweep jobs nobody resumes): the fit saves nothing, not even at the end.
+    trainer.profiler=simple: the host seconds of each loop action in the run dir's fit-profile.txt."""
     from mtrain.tasks import sft
 
     saves = []
     real = L.Trainer.save_checkpoint
     monkeypatch.setattr(L.Trainer, "save_checkpoint", lambda self, *a, **kw: saves.append(1) or real(self, *a, **kw))
     m = sft.run(prepared("trainer.max_steps=4", "task.checkpoint_every_n_steps=2", "task.checkpoints=false",
-                         "task.accuracy=false", "task.export=false", run_dir=tmp_path))
+                         "task.accuracy=false", "task.export=false", "trainer.profiler=simple", run_dir=tmp_path))
     assert m["steps"] == 4 and saves == []
     assert not (tmp_path / "checkpoints").exists() and m["files"]["checkpoints"] is None
+    report = (tmp_path / "fit-profile.txt").read_text()
+    assert "MoELitModule.optimizer_step" in report and "run_training_batch" in report

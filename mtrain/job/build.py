@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtrain.config import ConfigError
 from mtrain.data import MTrainDataModule, build_datamodule
+from mtrain.lit.trainer import check_profiler
 from mtrain.models import CheckpointError, MoECausalLM, PrecisionPolicy, build_model, from_pretrained, read_config
 from mtrain.models.checkpoint import dtype_of
 from mtrain.models.config import MoEConfig
@@ -115,6 +116,7 @@ def build_setup(job: Job) -> Setup:
         raise ConfigError(f"{', '.join(missing)} must be set (it is ???): e.g. python -m mtrain {missing[0]}=/path/to/it")
     # before any work: a multi-process job under -m must come from torchrun/SLURM, not from Lightning re-running argv
     check_launch(cfg.trainer.devices, cfg.trainer.num_nodes, multirun=job.multirun, accelerator=str(cfg.trainer.accelerator))
+    check_profiler(cfg.trainer.get("profiler"))
     src = tokenizer_source(cfg)
     dm = build_datamodule(cfg.data, src)
     dm.setup()

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from mtrain.config import ConfigError
 from mtrain.data.sampler import ResumeData
 from mtrain.lit.checkpoint_io import BackgroundCheckpointIO
 from mtrain.lit.callbacks import FiniteGuard, StepProgressBar, StopOnSignal, make_checkpoint, make_loggers
@@ -93,6 +94,8 @@ def build_trainer(
     cbs.append(FiniteGuard(every=int(kw.get("log_every_n_steps") or 1)))  # before the checkpoints see the step
     if checkpoint:
         cbs += make_checkpoint(run_dir, has_val, save_top_k, checkpoint_every)
+    if kw.get("profiler") is not None:
+        kw["profiler"] = make_profiler(kw["profiler"], run_dir)
     if isinstance(kw.get("strategy", "auto"), str) and "plugins" not in kw:  # trainer=fsdp: distributed checkpoints
         kw["plugins"] = [BackgroundCheckpointIO()]  # written in a thread: the loop waits for a host copy only
     trainer = L.Trainer(
@@ -107,6 +110,23 @@ def build_trainer(
         trainer.strategy.__class__ = _StayOnDevice
     sigterm_check_every(trainer, int(kw.get("log_every_n_steps") or 1))
     return trainer
+
+
+def make_profiler(kind: str, run_dir: Path):
+    """``trainer.profiler``: Lightning's ``simple`` (host seconds per loop action: where a host-bound step goes) or
+    ``advanced`` (cProfile of each action), writing ``<run dir>/fit-profile.txt``."""
+    from lightning.pytorch.profilers import AdvancedProfiler, SimpleProfiler
+
+    check_profiler(kind)
+    return {"simple": SimpleProfiler, "advanced": AdvancedProfiler}[kind](dirpath=str(run_dir), filename="profile")
+
+
+PROFILERS = ("simple", "advanced")
+
+
+def check_profiler(kind: Optional[str]) -> None:
+    if kind is not None and kind not in PROFILERS:
+        raise ConfigError(f"trainer.profiler={kind!r} is not one of {', '.join(PROFILERS)} or null")
 
 
 def sigterm_check_every(trainer: L.Trainer, every: int) -> None:
