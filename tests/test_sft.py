@@ -402,3 +402,24 @@ def test_checkpoints_false_writes_no_checkpoint_and_the_profiler_reports_the_loo
     assert not (tmp_path / "checkpoints").exists() and m["files"]["checkpoints"] is None
     report = (tmp_path / "fit-profile.txt").read_text()
     assert "MoELitModule.optimizer_step" in report and "run_training_batch" in report
+
+
+def test_training_logs_no_python_numbers(tmp_path, monkeypatch):
+    """Lightning makes a logged Python number a tensor on the module's device (a blocking copy: a GPU sync a step);
+    what the training step and its batch end log every step must already be tensors, the numbers on the host."""
+    from mtrain.tasks import sft
+
+    logged = []
+    real = L.LightningModule.log
+
+    def log(self, name, value, *a, **kw):
+        if self.trainer.training:
+            logged.append((name, type(value).__name__, getattr(value, "device", None)))
+        return real(self, name, value, *a, **kw)
+
+    monkeypatch.setattr(L.LightningModule, "log", log)
+    sft.run(prepared("trainer.max_steps=12", "trainer.log_every_n_steps=4", "task.accuracy=false", "task.export=false",
+                     "task.checkpoints=false", run_dir=tmp_path))
+    assert {n for n, _, _ in logged} >= {"train/loss", "lr", "train/tokens_per_s"}
+    assert all(t == "Tensor" for _, t, _ in logged), sorted(set(logged))
+    assert all(d.type == "cpu" for n, _, d in logged if n != "train/loss")

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mtrain.data.rollouts import RolloutRow, generation_of, rollout_lines
-from mtrain.lit.module import WarmupCosine, param_groups
+from mtrain.lit.module import WarmupCosine, on_host, param_groups
 from mtrain.models import MoECausalLM
 from mtrain.models.generate import recompute
 from mtrain.rl.grpo import (
@@ -286,7 +286,7 @@ class GRPOModule(L.LightningModule):
                     for row in samples:
                         f.write(json.dumps(row) + "\n")
         bar = {k: metrics[k] for k in ("reward/mean", "accuracy", "mismatch/k3") if k in metrics}
-        self.log_dict({k.replace("/", "_"): v for k, v in bar.items()}, prog_bar=True, logger=False)
+        self.log_dict({k.replace("/", "_"): on_host(v) for k, v in bar.items()}, prog_bar=True, logger=False)
 
     def _now(self) -> float:
         if self.device.type == "cuda":
