@@ -35,7 +35,8 @@ SMOKE_FSDP = [*FSDP, "trainer.accelerator=cpu", "trainer.precision=32-true"]
 
 def case(world: int, compiled: bool, steps: int, smoke: bool) -> dict:
     base = [*SMOKE, *SMOKE_FSDP] if smoke else [*GPU, *FSDP]
-    overrides = [*base, f"trainer.devices={world}", f"task.compile={str(compiled).lower()}", f"trainer.max_steps={steps}"]
+    overrides = [*base, f"trainer.devices={world}", f"task.compile={str(compiled).lower()}",
+                 f"trainer.max_steps={steps}"]
     run_dir = Path(tempfile.mkdtemp()) / "run"
     m, wall = run_cli(overrides, REPO, run_dir, nproc=world)
     assert m["world_size"] == world, m["world_size"]
@@ -66,7 +67,8 @@ def main() -> None:
         for compiled in compiles:
             r = case(world, compiled, a.steps, a.smoke)
             runs.append(r)
-            print(f"{world} GPU(s), compile={compiled}: {r['tok_s_per_gpu']:,.0f} tokens/s per GPU after the first step, "
+            print(f"{world} GPU(s), compile={compiled}: {r['tok_s_per_gpu']:,.0f} tokens/s per GPU after the first "
+                  f"step, "
                   f"{r['tok_s_last_window'] or 0:,.0f} in the last logging window; job "
                   f"{r['job_wall_s']:.0f} s; seconds {r['seconds']}", flush=True)
     by = {(r["world"], r["compile"]): r["tok_s_per_gpu"] for r in runs}

@@ -135,7 +135,8 @@ def run_case(a, layers: int, world: int, timeout: float) -> dict:
             os.path.abspath(__file__), "--worker", "--json", path, "--shape", a.shape, "--layers", str(layers),
             "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup),
             "--precision", a.precision,
-        ] + (["--rl"] if a.rl else []) + (["--compile"] if a.compile else []) + (["--profile"] if a.profile else []) + (["--cli-data"] if a.cli_data else []) + (
+        ] + [f"--{flag}" for flag, on in (("rl", a.rl), ("compile", a.compile), ("profile", a.profile),
+                                          ("cli-data", a.cli_data)) if on] + (
             ["--activation-checkpointing"] if a.activation_checkpointing else []
         )
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -172,7 +173,7 @@ def main(argv=None) -> None:
     p.add_argument("--rl", action="store_true", help="rl=on: fp32 router gates (own FSDP units) and fp32 RoPE")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--cli-data", action="store_true", help="the CLI benchmarks' packed synthetic rows, not random tokens")
+    p.add_argument("--cli-data", action="store_true", help="the CLI benchmarks' packed rows, not random tokens")
     p.add_argument("--profile", action="store_true", help="also the kernel time by category of 3 steps (rank 0)")
     p.add_argument("--smoke", action="store_true", help="CPU/gloo, tiny shape: check the script, write no results")
     p.add_argument("--timeout", type=float, default=900)

@@ -72,8 +72,7 @@ def run(job: Job) -> dict[str, Any]:
     has_val = dm.val_set is not None
     curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
     trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], checkpoint=t.checkpoints,
-                            save_top_k=t.save_top_k,
-                            checkpoint_every=t.checkpoint_every_n_steps or None, resume=bool(ckpt),
+                            save_top_k=t.save_top_k, checkpoint_every=t.checkpoint_every_n_steps or None, resume=bool(ckpt),
                             multirun=job.multirun)
     t_fit = time.perf_counter()
     trainer.fit(lit, datamodule=dm, ckpt_path=ckpt, weights_only=True)
@@ -142,8 +141,9 @@ def print_summary(m: dict[str, Any]) -> None:
     tps = m.get("tokens_per_s_steady") or m.get("tokens_per_s")
     tps = f", {tps:,.0f} tokens/s" if tps else ""
     print(f"\nmtrain sft: {m['steps']} steps in {m['wall_s']:.0f} s: {loss}{val}{acc}{tps}")
-    rows = [("run dir", f["run_dir"]), ("metrics", "metrics.json"), ("loss curve", "loss_curve.png" if f["loss_curve"] else None),
-            ("logs", "csv/metrics.csv"), ("checkpoints", "checkpoints/ (last.ckpt, best by val/loss)" if f["checkpoints"] else None),
+    rows = [("run dir", f["run_dir"]), ("metrics", "metrics.json"),
+            ("loss curve", "loss_curve.png" if f["loss_curve"] else None), ("logs", "csv/metrics.csv"),
+            ("checkpoints", "checkpoints/ (last.ckpt, best by val/loss)" if f["checkpoints"] else None),
             ("HF model", "hf_model/" if f.get("hf_model") else None)]
     for key, value in rows:
         if value:
