@@ -423,3 +423,28 @@ def test_training_logs_no_python_numbers(tmp_path, monkeypatch):
     assert {n for n, _, _ in logged} >= {"train/loss", "lr", "train/tokens_per_s"}
     assert all(t == "Tensor" for _, t, _ in logged), sorted(set(logged))
     assert all(d.type == "cpu" for n, _, d in logged if n != "train/loss")
+
+
+def test_the_progress_bar_reads_the_metrics_only_every_logging_interval(tmp_path, monkeypatch):
+    """The bar (on by default) shows the loss: reading a GPU loss is a device sync, so it reads the metrics on the
+    steps of the logging interval (where the loop syncs anyway), not every step; the step count moves every step."""
+    from mtrain.lit.callbacks import StepProgressBar
+    from mtrain.tasks import sft
+
+    reads, shown = [], []
+    real_postfix, real_end = StepProgressBar._postfix, StepProgressBar.on_train_batch_end
+
+    def postfix(self, trainer):
+        reads.append(trainer.global_step)
+        return real_postfix(self, trainer)
+
+    def batch_end(self, trainer, *a, **kw):
+        real_end(self, trainer, *a, **kw)
+        shown.append(self._bar.n)
+
+    monkeypatch.setattr(StepProgressBar, "_postfix", postfix)
+    monkeypatch.setattr(StepProgressBar, "on_train_batch_end", batch_end)
+    sft.run(prepared("trainer.max_steps=12", "trainer.log_every_n_steps=4", "trainer.enable_progress_bar=true",
+                     "task.accuracy=false", "task.export=false", "task.checkpoints=false", run_dir=tmp_path))
+    assert shown == list(range(1, 13))
+    assert reads == [4, 8, 12, 12]  # the interval's steps, and once at the end of the fit

@@ -304,7 +304,12 @@ class StepProgressBar(ProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is not None and trainer.global_step > self._bar.n:
             self._bar.update(trainer.global_step - self._bar.n)
-            self._bar.set_postfix(self._postfix(trainer), refresh=False)
+            # SFT: the loss and tokens/s only every logging interval. Reading them turns the GPU loss into a number,
+            # a device sync (the loop syncs there anyway); the step count moves every step. GRPO's steps (manual
+            # optimisation) sync for their rollouts anyway: every step.
+            every = max(1, trainer.log_every_n_steps) if pl_module.automatic_optimization else 1
+            if trainer.global_step % every == 0:
+                self._bar.set_postfix(self._postfix(trainer), refresh=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._bar is not None:
