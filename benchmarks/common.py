@@ -195,6 +195,15 @@ def global_mean(x: torch.Tensor) -> float:
     return y.item() / dist.get_world_size()
 
 
+def clip_as_the_cli(optimizer: torch.optim.Optimizer, parameters, max_norm: float) -> None:
+    """Clip by total norm the way the CLI does: inside a fused AdamW's step (``mtrain.lit.clipping``), else
+    ``clip_grad_norm_``."""
+    if is_fused(optimizer):
+        clip_in_fused_step(optimizer, parameters, max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
 def train_steps(
     model,
     optimizer: torch.optim.Optimizer,
@@ -213,10 +222,8 @@ def train_steps(
         ids, targets = (t.to(device) for t in rank_slice(b, rank, world))
         loss = model.loss(ids, targets)
         loss.backward()
-        if grad_clip is not None and is_fused(optimizer):  # what the CLI does (mtrain.lit.clipping)
-            clip_in_fused_step(optimizer, model.parameters(), grad_clip)
-        elif grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if grad_clip is not None:
+            clip_as_the_cli(optimizer, model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(global_mean(loss))

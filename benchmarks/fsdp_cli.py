@@ -68,9 +68,8 @@ def main() -> None:
             r = case(world, compiled, a.steps, a.smoke)
             runs.append(r)
             print(f"{world} GPU(s), compile={compiled}: {r['tok_s_per_gpu']:,.0f} tokens/s per GPU after the first "
-                  f"step, "
-                  f"{r['tok_s_last_window'] or 0:,.0f} in the last logging window; job "
-                  f"{r['job_wall_s']:.0f} s; seconds {r['seconds']}", flush=True)
+                  f"step, {r['tok_s_last_window'] or 0:,.0f} in the last logging window; job {r['job_wall_s']:.0f} s; "
+                  f"seconds {r['seconds']}", flush=True)
     by = {(r["world"], r["compile"]): r["tok_s_per_gpu"] for r in runs}
     for r in runs:
         eager, one = by.get((r["world"], False)), by.get((1, r["compile"]))

@@ -20,6 +20,7 @@ layers, params, tokens/s per GPU, scaling efficiency = (tokens/s per GPU on N) /
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -117,8 +118,8 @@ def cli_batches(world: int, batch: int, seq: int, steps: int) -> list:
     dm = build_datamodule(cfg.data)
     dm.setup("fit")
     rows = []
-    while len(rows) < steps:
-        rows += [(b["input_ids"], b["targets"]) for b in dm.train_dataloader()][: steps - len(rows)]
+    while len(rows) < steps:  # as many epochs as the steps need, no more batches than that
+        rows += [(b["input_ids"], b["targets"]) for b in itertools.islice(dm.train_dataloader(), steps - len(rows))]
     return rows
 
 

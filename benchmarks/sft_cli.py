@@ -29,7 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import append_results, card, run_cli  # noqa: E402
+from benchmarks.common import append_results, card, clip_as_the_cli, run_cli  # noqa: E402
 
 GPU = ["experiment=qwen3_30b_a3b_shape", "rl=on", "data.packing=true", "data.max_length=2048", "data.batch_size=4",
        "data.num_digits=3", "data.num_train=60000", "data.num_val=64", "task.accuracy=false",
@@ -50,7 +50,6 @@ def compose(overrides: list[str]):
 def bare_loop(overrides: list[str], warmup: int, steps: int) -> dict:
     """Tokens/s of fwd + bwd + clip + fused AdamW + schedule over ``steps`` steps after ``warmup``, on the job's data."""
     from mtrain.job import Job, start_job
-    from mtrain.lit.clipping import clip_in_fused_step, is_fused
     from mtrain.lit.module import WarmupCosine, param_groups
 
     job = Job.prepare(compose(overrides), tempfile.mkdtemp())
@@ -71,10 +70,8 @@ def bare_loop(overrides: list[str], warmup: int, steps: int) -> dict:
 
     def step(b):
         model.loss(b["input_ids"], b["targets"]).backward()
-        if clip and is_fused(opt):  # what the CLI does (mtrain.lit.clipping)
-            clip_in_fused_step(opt, model.parameters(), clip)
-        elif clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if clip:
+            clip_as_the_cli(opt, model.parameters(), clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
