@@ -417,6 +417,57 @@ def test_routed_experts_keep_only_the_gate_up_output_for_the_backward(backend):
     assert all(t.grad is not None for t in (x, weights, gate_up, down))
 
 
+def test_fp32_gate_forward_is_the_fp32_gemm_and_its_backward_keeps_the_weight_gradient_fp32():
+    """rl=on's gate on a bf16 model: logits bit-equal to the fp32 GEMM (what the engine computes), the fp32 weight's
+    gradient bit-equal to the fp32 GEMM's, the input's gradient (bf16 out) within bf16 rounding of it, and the
+    backward keeps the bf16 input, not an fp32 copy of it."""
+    from mtrain.models.moe import SoftmaxTopKRouter
+
+    T, H, E = 64, 32, 8
+    g = torch.Generator().manual_seed(0)
+    router = SoftmaxTopKRouter(H, E, 2, fp32=True, norm_topk_prob=True)
+    torch.nn.init.normal_(router.weight, generator=g)
+    router.to(torch.bfloat16)
+    assert router.weight.dtype == torch.float32
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16).requires_grad_()
+    dlogits = torch.randn(T, E, generator=g)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        logits = router.logits(x)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, x.float() @ router.weight.t())
+    assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in kept)  # no fp32 copy of x kept
+    logits.backward(dlogits)
+    assert router.weight.grad.dtype == torch.float32
+    assert torch.equal(router.weight.grad, dlogits.t() @ x.float())
+    ref = dlogits @ router.weight.detach()
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.allclose(x.grad.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_compiled_experts_sum_the_k_slots_like_eager():
+    """Compiled, the routed experts weight and sum each token's k expert outputs in one fused pass (eager: a
+    batched GEMM): the same output and gradients, to fp32 rounding."""
+    from mtrain.models.grouped import routed_experts
+
+    T, H, I, E, k = 48, 16, 8, 6, 3
+    g = torch.Generator().manual_seed(1)
+    args = [torch.randn(T, H, generator=g), torch.rand(T, k, generator=g),
+            torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)]
+    idx = torch.rand(T, E, generator=g).topk(k, dim=-1).indices
+
+    def run(fn):
+        leaves = [a.clone().requires_grad_() for a in args]
+        x, w, gate_up, down = leaves
+        y = fn(x, w, idx, gate_up, down, "loop")
+        y.square().sum().backward()
+        return [y.detach()] + [t.grad for t in leaves]
+
+    torch._dynamo.reset()
+    for eager, compiled in zip(run(routed_experts), run(torch.compile(routed_experts, backend="aot_eager"))):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_rope_fp32_rotates_in_fp32_and_changes_the_bf16_model():
     """rope_fp32: the rotation runs in fp32 and is rounded to bf16 once (the engines' RL mode); off, it runs in bf16
     as transformers does. Both the layer and the policy's wiring into the model are checked."""

@@ -6,7 +6,8 @@ Forward, per layer (``S = T * k`` token-expert pairs, sorted by expert)::
     h   = xs @ gate_up[e].T  per expert         one grouped GEMM                                     [S, 2I]
     a   = silu(h_gate) * h_up                                                                         [S, I]
     o   = a @ down[e].T      per expert         one grouped GEMM                                     [S, H]
-    y   = sum_j w[t, j] * o[pair (t, j)]        gather back to (token, slot) and a [k]-wide bmm       [T, H]
+    y   = sum_j w[t, j] * o[pair (t, j)]        gather back to (token, slot), weighted k-sum          [T, H]
+                                                (compiled: one fused fp32 pass; eager: a [k]-wide bmm)
 
 Autograd on these ops keeps ``xs``, ``h``, ``silu(h_gate)``, ``a`` and ``o``'s gather (~0.9 GiB a layer at the
 Qwen3-30B-A3B shape and 8k tokens). This function keeps only ``h`` (plus the input ``x``, which the router keeps
@@ -86,7 +87,10 @@ class _RoutedExperts(torch.autograd.Function):
         h = groups.mm(x[order // k], gate_up.transpose(-2, -1))
         o = groups.mm(_swiglu(h), down.transpose(-2, -1))
         per_slot = o[inverse].view(T, k, -1)  # back to (token, slot) by a gather: no scatter-add
-        y = torch.bmm(weights.to(per_slot.dtype).unsqueeze(1), per_slot).squeeze(1)
+        if torch.compiler.is_compiling():  # one fused fp32 pass: gather, weight, sum of the k slots, one rounding
+            y = (per_slot.float() * weights[..., None]).sum(1).to(o.dtype)
+        else:  # eager: a [k]-wide bmm (fp32 accumulate) instead of an fp32 [T, k, H] temporary
+            y = torch.bmm(weights.to(per_slot.dtype).unsqueeze(1), per_slot).squeeze(1)
         ctx.save_for_backward(x, weights, order, inverse, counts, h, gate_up, down)
         ctx.grouped = grouped  # plain values only on ctx: torch.compile traces this function
         return y

@@ -5,6 +5,8 @@ The gate precision policy lives here, in :class:`Router`:
 
 * ``fp32=True`` (``moe_gate_fp32``): the gate weight is an fp32 parameter and stays fp32 through ``module.to(bf16)``
   (and so through Lightning's precision plugins); logits, scores, bias add and top-k run in fp32 with autocast off.
+  In the backward, the weight's gradient is an fp32 GEMM; the input's gradient, which leaves in the model dtype
+  anyway, is a GEMM in the model dtype (:class:`_Fp32Gate`).
 * ``fp32=False``: the gate weight is in the model dtype and the logits come out of a model-dtype GEMM, as inference
   engines run it by default; scores and top-k are then computed in fp32 from those logits.
 
@@ -20,6 +22,24 @@ from torch import nn
 from .grouped import routed_experts
 from .layers import SwiGLU
 from .routing import RoutingTrace
+
+
+class _Fp32Gate(torch.autograd.Function):
+    """``x @ w.T`` in fp32 (the forward an engine's fp32 gate computes, bit for bit). Backward: ``dw`` by an fp32 GEMM;
+    ``dx`` by a GEMM in ``x``'s dtype -- it is rounded to that dtype on the way out anyway, and in bf16 the fp32
+    GEMM (no tensor cores) cost ~8x the bf16 one. Keeps ``x`` in its own dtype for the backward, not an fp32 copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return F.linear(x.float(), w.float())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dx = grad.to(x.dtype) @ w.to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (grad.t().float() @ x.float()).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
 
 
 class Router(nn.Module):
@@ -51,7 +71,7 @@ class Router(nn.Module):
         """x [T, hidden] -> logits [T, E]: fp32 under the fp32 policy, else the model dtype."""
         if self.fp32:
             with torch.autocast(x.device.type, enabled=False):
-                return F.linear(x.float(), self.weight.float())
+                return _Fp32Gate.apply(x, self.weight)
         return F.linear(x, self.weight.to(x.dtype))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None):
