@@ -112,6 +112,8 @@ def test_config_errors_exit_nonzero_naming_the_key(cli, args, needle):
         (["model.dtype=float64"], None, "mtrain: error: model.dtype='float64' is not one of"),
         (["data.task=nope"], None, "mtrain: error: data.task='nope' is not valid"),  # a DataError, from task=sft
         (["trainer.profiler=gprof"], None, "mtrain: error: trainer.profiler='gprof' is not one of simple, advanced"),
+        (["trainer.fsdp_reshard_after_forward=false"], None,
+         "mtrain: error: trainer.fsdp_reshard_after_forward=false applies to trainer=fsdp only"),
     ],
 )
 def test_our_errors_are_one_line_exit_2(cli, tmp_path, args, env, first):

@@ -153,6 +153,22 @@ def _worker(out_dir: Path, ckpt: Path) -> None:
     if rank == 0:
         torch.save(logits, out_dir / "logits.pt")
 
+    # 4b. the same training with each layer's weights kept gathered from its forward to its backward
+    #     (trainer.fsdp_reshard_after_forward=false): the same losses; after a forward the layers hold full weights
+    from torch.distributed.tensor import DTensor
+
+    kept, _ = build_sharded(checkpoint=ckpt, mesh=mesh, device=device, policy=PrecisionPolicy(True),
+                            reshard_after_forward=False)
+    res["kept_losses"] = train_steps(kept, torch.optim.AdamW(kept.parameters(), lr=LR), data, device=device,
+                                     grad_clip=1.0)
+    for name, m in (("kept", kept), ("resharded", model)):
+        with torch.no_grad():
+            m.loss(*(t.to(device) for t in data[0]))
+        res[f"{name}_layers_gathered_after_forward"] = [
+            not isinstance(layer.self_attn.q_proj.weight, DTensor) for layer in m.model.layers]
+        m.reshard()
+    del kept
+
     # 5. streamed export of the trained sharded model: as stored (fp32) and in bf16 (gate stays fp32)
     export_hf(model, out_dir / "export", max_shard_size="24KB")
     export_hf(model, out_dir / "export_bf16", max_shard_size="24KB", dtype=torch.bfloat16)
@@ -265,6 +281,16 @@ def test_two_process_loss_curve_matches_one_process(sharded_run):
     assert len(res["losses"]) == STEPS
     assert res["losses"][-1] < res["losses"][0] - 0.05  # it learns
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=2e-5, atol=2e-5)
+
+
+def test_weights_kept_gathered_after_forward_train_the_same(sharded_run):
+    """trainer.fsdp_reshard_after_forward=false: each layer keeps its gathered weights from its forward to its
+    backward (one all-gather a step, not two) and training is unchanged."""
+    _, res, _, _ = sharded_run
+    assert res["kept_losses"] == pytest.approx(res["losses"], rel=1e-6)
+    assert all(res["kept_layers_gathered_after_forward"])
+    # the default frees every layer but the last (its backward comes right away) after the forward
+    assert res["resharded_layers_gathered_after_forward"] == [False] * (len(res["kept_layers_gathered_after_forward"]) - 1) + [True]
 
 
 def test_gate_dtype_inside_sharded_step(sharded_run):
@@ -457,6 +483,21 @@ def test_trainer_fsdp_config_builds_model_parallel_strategy(compose_config):
     assert isinstance(kw["strategy"], ModelParallelStrategy) and kw["precision"] == "32-true"
     plan = plan_for(cfg.trainer.precision, cfg.model.checkpoint, cfg.seed)
     assert (plan.param_dtype, plan.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert plan.reshard_after_forward
+
+
+def test_fsdp_reshard_after_forward_reaches_the_plan_not_lightning(compose_config, tmp_path):
+    from omegaconf import OmegaConf
+
+    from mtrain.job.build import build_setup
+    from mtrain.job.run import Job
+    from mtrain.parallel.lightning import trainer_kwargs
+
+    job = Job.prepare(compose_config(["trainer=fsdp", "trainer.devices=1", "trainer.accelerator=cpu", "rl=on",
+                                      "trainer.fsdp_reshard_after_forward=false"]), tmp_path)
+    assert build_setup(job).fsdp.reshard_after_forward is False  # what configure_model's apply_fsdp gets
+    kw = trainer_kwargs(OmegaConf.to_container(job.cfg.trainer, resolve=True), multirun=False)
+    assert "fsdp_reshard_after_forward" not in kw  # not a lightning.Trainer argument
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/test_parallel.py OUT_DIR CHECKPOINT

@@ -117,6 +117,9 @@ def build_setup(job: Job) -> Setup:
     # before any work: a multi-process job under -m must come from torchrun/SLURM, not from Lightning re-running argv
     check_launch(cfg.trainer.devices, cfg.trainer.num_nodes, multirun=job.multirun, accelerator=str(cfg.trainer.accelerator))
     check_profiler(cfg.trainer.get("profiler"))
+    if not cfg.trainer.get("fsdp_reshard_after_forward", True) and not uses_fsdp(cfg.trainer):
+        raise ConfigError("trainer.fsdp_reshard_after_forward=false applies to trainer=fsdp only: drop it, or add "
+                          "trainer=fsdp")
     src = tokenizer_source(cfg)
     dm = build_datamodule(cfg.data, src)
     dm.setup()
@@ -125,7 +128,10 @@ def build_setup(job: Job) -> Setup:
         raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is available; use trainer=cpu")
     devices = cfg.trainer.devices
     single = str(devices) == "1" or (OmegaConf.is_list(devices) and len(devices) == 1)
-    fsdp = plan_for(cfg.trainer.precision, cfg.model.checkpoint, cfg.seed) if uses_fsdp(cfg.trainer) else None
+    fsdp = None
+    if uses_fsdp(cfg.trainer):
+        fsdp = plan_for(cfg.trainer.precision, cfg.model.checkpoint, cfg.seed,
+                        cfg.trainer.get("fsdp_reshard_after_forward", True))
     device = "meta" if fsdp is not None else ("cuda" if (cuda and single) else "cpu")  # big checkpoints straight to GPU
     model = model_from_config(cfg.model, job.plan.policy, device=device, vocab_size=dm.vocab_size, seed=cfg.seed)
     total = sum(p.numel() for p in model.parameters())

@@ -74,15 +74,17 @@ class FSDPPlan:
             log.info("trainer=fsdp: decoder layers compiled after sharding (task.compile)")
 
 
-def plan_for(precision: str, checkpoint: Optional[str] = None, seed: int = 0) -> FSDPPlan:
+def plan_for(precision: str, checkpoint: Optional[str] = None, seed: int = 0,
+             reshard_after_forward: bool = True) -> FSDPPlan:
     """The :class:`FSDPPlan` of a run: ``trainer.precision`` -> the FSDP mixed-precision policy; the HF folder each
-    rank reads its shards from (None = random init with ``seed``)."""
+    rank reads its shards from (None = random init with ``seed``); ``trainer.fsdp_reshard_after_forward``."""
     try:
         _, param_dtype, reduce_dtype = fsdp_precision(precision)
     except ValueError as e:
         raise ParallelError(str(e)) from None
     return FSDPPlan(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                    checkpoint=str(checkpoint) if checkpoint else None, seed=int(seed))
+                    checkpoint=str(checkpoint) if checkpoint else None, seed=int(seed),
+                    reshard_after_forward=bool(reshard_after_forward))
 
 
 def trainer_kwargs(kw: dict[str, Any], *, multirun: bool) -> dict[str, Any]:
@@ -90,6 +92,7 @@ def trainer_kwargs(kw: dict[str, Any], *, multirun: bool) -> dict[str, Any]:
     launch by re-running ``sys.argv`` under ``-m``; for ``strategy=fsdp2`` a ``ModelParallelStrategy`` (pure FSDP:
     data-parallel size = all processes) and the Lightning precision that leaves mixed precision to FSDP."""
     kw = dict(kw)
+    kw.pop("fsdp_reshard_after_forward", None)  # mtrain's FSDPPlan reads it (plan_for), not Lightning
     check_launch(kw.get("devices", 1), kw.get("num_nodes", 1), multirun=multirun, accelerator=str(kw.get("accelerator")))
     if kw.get("strategy") != STRATEGY:
         return kw

@@ -175,6 +175,7 @@ def build_sharded(
     seed: int | None = 0,
     gate_mismatch: str = "warn",
     expected_model_type: str | None = None,
+    reshard_after_forward: bool = True,
 ) -> tuple[MoECausalLM, LoadStats | None]:
     """Meta build -> :func:`apply_fsdp` -> ``to_empty(device)`` -> load ``checkpoint`` (each rank its slices) or
     random init. ``cfg`` defaults to the checkpoint's ``config.json``; ``dtype`` (stored dtype) to the checkpoint's
@@ -187,7 +188,8 @@ def build_sharded(
         raise ValueError("build_sharded: give cfg or checkpoint")
     dtype = dtype_of(dtype) or torch.float32
     model = build_model(cfg, dtype=dtype, device="meta", policy=policy, init=False)
-    apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+               reshard_after_forward=reshard_after_forward)
     model.to_empty(device=device)
     if checkpoint is not None:
         return model, load_sharded(model, checkpoint, gate_mismatch=gate_mismatch)
