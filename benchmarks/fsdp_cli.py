@@ -4,6 +4,7 @@ loop, as a user runs it (``torchrun --standalone --nproc_per_node N -m mtrain tr
     python benchmarks/fsdp_cli.py --gpus 2             # Qwen3-30B-A3B shape, 4 layers, 4 x 2048 tokens per GPU, rl=on
     python benchmarks/fsdp_cli.py --worlds 1           # one world size only (both compile settings)
     python benchmarks/fsdp_cli.py --smoke              # tiny model, CPU/gloo, 1 and 2 processes: checks the script
+    python benchmarks/fsdp_cli.py --set trainer.fsdp_reshard_after_forward=false   # more overrides for every job
 
 Each case is one CLI job with the ``sft_cli.py`` job's overrides plus ``trainer=fsdp`` (``bf16-mixed``: fp32 master
 weights sharded, bf16 compute, fp32 gradient reduce) and ``task.checkpoints=false`` (the distributed checkpoint of
@@ -33,10 +34,10 @@ FSDP = ["trainer=fsdp", "task.checkpoints=false", "trainer.val_check_interval=10
 SMOKE_FSDP = [*FSDP, "trainer.accelerator=cpu", "trainer.precision=32-true"]
 
 
-def case(world: int, compiled: bool, steps: int, smoke: bool) -> dict:
+def case(world: int, compiled: bool, steps: int, smoke: bool, extra: list[str]) -> dict:
     base = [*SMOKE, *SMOKE_FSDP] if smoke else [*GPU, *FSDP]
     overrides = [*base, f"trainer.devices={world}", f"task.compile={str(compiled).lower()}",
-                 f"trainer.max_steps={steps}"]
+                 f"trainer.max_steps={steps}", *extra]
     run_dir = Path(tempfile.mkdtemp()) / "run"
     m, wall = run_cli(overrides, REPO, run_dir, nproc=world)
     assert m["world_size"] == world, m["world_size"]
@@ -55,6 +56,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="training steps per job (the first is not timed)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (gloo)")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more CLI overrides for every job, e.g. trainer.fsdp_reshard_after_forward=false")
     a = p.parse_args()
     worlds = a.worlds or sorted({1, a.gpus})
     if a.smoke:
@@ -65,7 +68,7 @@ def main() -> None:
     runs = []
     for world in worlds:
         for compiled in compiles:
-            r = case(world, compiled, a.steps, a.smoke)
+            r = case(world, compiled, a.steps, a.smoke, a.set)
             runs.append(r)
             print(f"{world} GPU(s), compile={compiled}: {r['tok_s_per_gpu']:,.0f} tokens/s per GPU after the first "
                   f"step, {r['tok_s_last_window'] or 0:,.0f} in the last logging window; job {r['job_wall_s']:.0f} s; "

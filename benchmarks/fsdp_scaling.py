@@ -3,6 +3,9 @@
     python benchmarks/fsdp_scaling.py --gpus 2            # Qwen3-30B-A3B shape: 4 layers (fits one GPU with AdamW)
                                                           # and a deeper one that does not fit one GPU (auto depth)
     python benchmarks/fsdp_scaling.py --smoke             # CPU/gloo, tiny shape, 1 and 2 processes: checks the script
+    python benchmarks/fsdp_scaling.py --compile-split --rl --cli-data --profile [--keep-gathered]
+                                                          # one GPU, eager then compiled layers: speed-up and where
+                                                          # each step's kernel time goes (``fsdp_profile`` rows)
 
 The script starts ``torchrun --standalone --nproc_per_node K`` of itself (``--worker``) for each case and world size;
 each worker builds the model on the meta device, shards it with ``mtrain.parallel.apply_fsdp`` (decoder layers, fp32
@@ -72,7 +75,7 @@ def worker(a) -> None:
     try:
         model, _ = build_sharded(
             cfg, mesh=mesh, device=device, dtype=stored, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-            policy=PrecisionPolicy(a.rl, a.rl), seed=0,
+            policy=PrecisionPolicy(a.rl, a.rl), seed=0, reshard_after_forward=not a.keep_gathered,
         )
         model.activation_checkpointing = a.activation_checkpointing
         if a.compile:
@@ -95,7 +98,8 @@ def worker(a) -> None:
             from benchmarks.profile_step import profile
 
             it = iter(batches * 4)
-            out["profile"] = profile(lambda: train_steps(model, opt, [next(it)], device=device, grad_clip=1.0), 3)
+            out["profile"] = profile(lambda: train_steps(model, opt, [next(it)], device=device, grad_clip=1.0), 3,
+                                     host=True)
         if device.type == "cuda":
             peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=device)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -137,7 +141,7 @@ def run_case(a, layers: int, world: int, timeout: float) -> dict:
             "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup),
             "--precision", a.precision,
         ] + [f"--{flag}" for flag, on in (("rl", a.rl), ("compile", a.compile), ("profile", a.profile),
-                                          ("cli-data", a.cli_data)) if on] + (
+                                          ("cli-data", a.cli_data), ("keep-gathered", a.keep_gathered)) if on] + (
             ["--activation-checkpointing"] if a.activation_checkpointing else []
         )
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -149,6 +153,32 @@ def run_case(a, layers: int, world: int, timeout: float) -> dict:
             raise RuntimeError(f"worker failed (layers={layers}, world={world}, rc={r.returncode}):\n{tail}")
         with open(path) as f:
             return json.load(f)
+
+
+def compile_split(a) -> None:
+    """One GPU, the same sharded model eager and with compiled layers: tokens/s, the speed-up, and (``--profile``)
+    kernel time by category; one ``fsdp_profile`` row."""
+    row = {"bench": "fsdp_profile", "shape": a.shape, "layers": a.layers, "gpus": 1, "rl": a.rl,
+           "tokens_per_gpu_step": f"{a.batch}x{a.seq}", "data": "cli" if a.cli_data else "random",
+           "reshard_after_forward": not a.keep_gathered, "card": card(),
+           "how": "fsdp_scaling.py --compile-split: apply_fsdp, bf16-mixed, fused AdamW with the clip in its step"}
+    for compiled in (False, True):
+        a.compile = compiled
+        r = run_case(a, a.layers, 1, a.timeout)
+        key = "compiled" if compiled else "eager"
+        row[key] = {"tok_s": round(r["tok_s_per_gpu"]), "step_ms": round(1e3 * r["step_s"], 2),
+                    "first_loss": round(r["losses"][0], 5), "peak_gib": r.get("peak_gib"), **r.get("profile", {})}
+        print(f"{key}: {r['tok_s_per_gpu']:,.0f} tokens/s, step {1e3 * r['step_s']:.1f} ms, peak {r.get('peak_gib')} GiB"
+              + (f", kernels {r['profile']['kernel_ms']} ms: {r['profile']['categories_ms']}" if "profile" in r else ""),
+              flush=True)
+        if "host_top_ms" in r.get("profile", {}):
+            print(f"  host ops' own CPU time {r['profile']['host_self_ms']} ms a step; the largest (ms, calls):")
+            for name, ms, calls in r["profile"]["host_top_ms"]:
+                print(f"    {ms:8.2f} x{calls:<5} {name}")
+    row["compile_speedup"] = round(row["compiled"]["tok_s"] / row["eager"]["tok_s"], 3)
+    print(f"compile speed-up under FSDP (1 GPU): {row['compile_speedup']:.3f}x")
+    if not a.smoke:
+        append_results([row])
 
 
 def auto_deep_layers(a, fit_layers: int) -> int:
@@ -176,6 +206,9 @@ def main(argv=None) -> None:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--cli-data", action="store_true", help="the CLI benchmarks' packed rows, not random tokens")
     p.add_argument("--profile", action="store_true", help="also the kernel time by category of 3 steps (rank 0)")
+    p.add_argument("--keep-gathered", action="store_true",
+                   help="reshard_after_forward=False (trainer.fsdp_reshard_after_forward=false): one gather a step")
+    p.add_argument("--compile-split", action="store_true", help="one GPU, eager and compiled: the compile speed-up")
     p.add_argument("--smoke", action="store_true", help="CPU/gloo, tiny shape: check the script, write no results")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -186,8 +219,10 @@ def main(argv=None) -> None:
     if a.smoke:
         a.shape, a.layers, a.deep_layers, a.batch, a.seq, a.steps, a.warmup = "tiny_qwen", 2, 3, 2, 32, 2, 1
         a.gpus = 2
-    elif not torch.cuda.is_available() or torch.cuda.device_count() < a.gpus:
+    elif not torch.cuda.is_available() or torch.cuda.device_count() < (1 if a.compile_split else a.gpus):
         sys.exit(f"needs {a.gpus} CUDA devices (or --smoke)")
+    if a.compile_split:
+        return compile_split(a)
     deep = a.deep_layers or auto_deep_layers(a, a.layers)
     rows, problems = [], []
     for kind, layers in (("fits_one_gpu", a.layers), ("deeper_than_one_gpu", deep)):

@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py                      # GLM-4.5-Air shape, 4 layers, 4 x 2048 tokens, bf16, rl=on
     python benchmarks/profile_step.py --shape qwen3_30b_a3b
+    python benchmarks/profile_step.py --ops                # also every GEMM by op, input shapes and kernel
 
 ``torch.profiler`` over a few fwd+bwd steps after warm-up; every CUDA kernel's time is summed into a category by
 its name (attention, expert grouped GEMMs, other GEMMs, compiled fused kernels, copies/indexing, the rest) and
@@ -25,12 +26,12 @@ from benchmarks.common import (  # noqa: E402
 
 # first match wins; names are lower-cased kernel names
 CATEGORIES = [
+    ("compiled fused (triton)", ("triton",)),  # first: inductor names fused kernels after their ops (_grouped_mm, ...)
     ("collective (NCCL)", ("nccl",)),
     ("optimizer (fused AdamW)", ("adam",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("expert grouped GEMM", ("grouped", "groupproblemshape", "ptrarray", "group_gemm", "groupgemm")),
     ("other GEMM", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "sm90_")),
-    ("compiled fused (triton)", ("triton",)),
     ("copy / index / sort", ("copy", "memcpy", "memset", "index", "gather", "scatter", "sort", "radix", "cat", "fill")),
 ]
 
@@ -43,25 +44,60 @@ def category(name: str) -> str:
     return "other elementwise / reduce"
 
 
-def profile(step, steps: int) -> dict:
-    """Kernel time per category and the largest kernels, per step (ms), over ``steps`` profiled steps."""
+def profile(step, steps: int, host: bool = False) -> dict:
+    """Kernel time per category and the largest kernels, per step (ms), over ``steps`` profiled steps; ``host``: also
+    the host ops that took the most CPU time themselves (all threads: the autograd engine runs the backward's)."""
     step_s = time_cuda(step, warmup=3, iters=steps)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if host else [])
+    with torch.profiler.profile(activities=acts) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     per_kernel: dict[str, float] = collections.defaultdict(float)
+    seen = set()  # with CPU activity on, a kernel is listed under its launching op too: count each once
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        span = (e.name, e.time_range.start, e.time_range.end)
+        if e.device_type == torch.autograd.DeviceType.CUDA and span not in seen:
+            seen.add(span)
             per_kernel[e.name] += e.time_range.elapsed_us() / 1e3 / steps  # the kernel itself; us -> ms, per step
     cats: dict[str, float] = collections.defaultdict(float)
     for name, ms in per_kernel.items():
         cats[category(name)] += ms
     busy = sum(cats.values())
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
-    return {"step_ms": round(step_s * 1e3, 2), "kernel_ms": round(busy, 2),
+    out = {}
+    if host:
+        cpu = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        out["host_self_ms"] = round(sum(e.self_cpu_time_total for e in cpu) / 1e3 / steps, 2)
+        out["host_top_ms"] = [(e.key[:80], round(e.self_cpu_time_total / 1e3 / steps, 2), e.count // steps)
+                              for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:15]]
+    return out | {"step_ms": round(step_s * 1e3, 2), "kernel_ms": round(busy, 2),
             "categories_ms": {c: round(v, 2) for c, v in sorted(cats.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": [(category(n), n[:200], round(v, 2)) for n, v in top]}
+
+
+GEMM_CATEGORIES = ("other GEMM", "expert grouped GEMM")
+
+
+def gemm_ops(step, steps: int, top: int = 40) -> list:
+    """GPU time of every GEMM kernel per step (ms), keyed by the op that launched it, its input shapes and the kernel
+    name (which names the layout cuBLAS/CUTLASS chose): the same product can run at different speeds on each side."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    ops: dict[tuple, list] = {}
+    for e in prof.events():
+        for k in getattr(e, "kernels", []):
+            if category(k.name) in GEMM_CATEGORIES:
+                key = (e.name, str(e.input_shapes), k.name[:90])
+                agg = ops.setdefault(key, [0.0, 0])
+                agg[0] += k.duration / 1e3 / steps  # us -> ms, per step
+                agg[1] += 1
+    rows = [{"op": op, "shapes": shp, "kernel": kern, "ms": round(ms, 3), "calls_per_step": n // steps}
+            for (op, shp, kern), (ms, n) in ops.items()]
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
 def main() -> None:
@@ -69,6 +105,7 @@ def main() -> None:
     p.add_argument("--shape", default="glm45_air")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--ops", action="store_true", help="also list every GEMM by op, shapes and kernel")
     a = p.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     cfg = mtrain_config(a.shape, a.layers)
@@ -82,6 +119,8 @@ def main() -> None:
         ours_step(model, ids, targets)
 
     rows = {"mtrain rl=on, compiled layers": profile(ours, a.steps)}
+    if a.ops:
+        rows["mtrain rl=on, compiled layers"]["gemms"] = gemm_ops(ours, 2)
     del model
     torch.cuda.empty_cache()
     hf = make_hf(cfg, "cuda", state).train()
@@ -91,6 +130,8 @@ def main() -> None:
         hf_step(hf, ids, targets)
 
     rows["transformers eager (grouped_mm)"] = profile(ref, a.steps)
+    if a.ops:
+        rows["transformers eager (grouped_mm)"]["gemms"] = gemm_ops(ref, 2)
     for side, r in rows.items():
         print(f"\n{side}: step {r['step_ms']} ms, kernels {r['kernel_ms']} ms "
               f"({r['step_ms'] - r['kernel_ms']:.1f} ms the GPU waited)")
@@ -99,7 +140,11 @@ def main() -> None:
         print("  largest kernels:")
         for cat, n, ms in r["top_kernels_ms"]:
             print(f"  {ms:8.2f} ms  [{cat}] {n[:150]}")
-    append_results([{"bench": "profile_step", "shape": a.shape, "layers": a.layers, "tokens": "4x2048", "rl": True,
+        if "gemms" in r:
+            print("  GEMMs by op, input shapes, kernel (ms per step, calls per step):")
+            for g in r["gemms"]:
+                print(f"  {g['ms']:8.3f} ms x{g['calls_per_step']:<3} {g['op']:<18} {g['shapes'][:70]:<70} {g['kernel'][:60]}")
+    append_results([{"bench": "profile_step_ops" if a.ops else "profile_step", "shape": a.shape, "layers": a.layers, "tokens": "4x2048", "rl": True,
                      "card": card(), **rows}])
 
 
