@@ -168,9 +168,9 @@ def compile_split(a) -> None:
         key = "compiled" if compiled else "eager"
         row[key] = {"tok_s": round(r["tok_s_per_gpu"]), "step_ms": round(1e3 * r["step_s"], 2),
                     "first_loss": round(r["losses"][0], 5), "peak_gib": r.get("peak_gib"), **r.get("profile", {})}
-        print(f"{key}: {r['tok_s_per_gpu']:,.0f} tokens/s, step {1e3 * r['step_s']:.1f} ms, peak {r.get('peak_gib')} GiB"
-              + (f", kernels {r['profile']['kernel_ms']} ms: {r['profile']['categories_ms']}" if "profile" in r else ""),
-              flush=True)
+        kernels = f", kernels {r['profile']['kernel_ms']} ms: {r['profile']['categories_ms']}" if "profile" in r else ""
+        print(f"{key}: {r['tok_s_per_gpu']:,.0f} tokens/s, step {1e3 * r['step_s']:.1f} ms, "
+              f"peak {r.get('peak_gib')} GiB{kernels}", flush=True)
         if "host_top_ms" in r.get("profile", {}):
             print(f"  host ops' own CPU time {r['profile']['host_self_ms']} ms a step; the largest (ms, calls):")
             for name, ms, calls in r["profile"]["host_top_ms"]:

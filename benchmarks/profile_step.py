@@ -143,9 +143,10 @@ def main() -> None:
         if "gemms" in r:
             print("  GEMMs by op, input shapes, kernel (ms per step, calls per step):")
             for g in r["gemms"]:
-                print(f"  {g['ms']:8.3f} ms x{g['calls_per_step']:<3} {g['op']:<18} {g['shapes'][:70]:<70} {g['kernel'][:60]}")
-    append_results([{"bench": "profile_step_ops" if a.ops else "profile_step", "shape": a.shape, "layers": a.layers, "tokens": "4x2048", "rl": True,
-                     "card": card(), **rows}])
+                print(f"  {g['ms']:8.3f} ms x{g['calls_per_step']:<3} {g['op']:<18} {g['shapes'][:70]:<70} "
+                      f"{g['kernel'][:60]}")
+    append_results([{"bench": "profile_step_ops" if a.ops else "profile_step", "shape": a.shape, "layers": a.layers,
+                     "tokens": "4x2048", "rl": True, "card": card(), **rows}])
 
 
 if __name__ == "__main__":

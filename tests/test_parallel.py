@@ -290,7 +290,8 @@ def test_weights_kept_gathered_after_forward_train_the_same(sharded_run):
     assert res["kept_losses"] == pytest.approx(res["losses"], rel=1e-6)
     assert all(res["kept_layers_gathered_after_forward"])
     # the default frees every layer but the last (its backward comes right away) after the forward
-    assert res["resharded_layers_gathered_after_forward"] == [False] * (len(res["kept_layers_gathered_after_forward"]) - 1) + [True]
+    n = len(res["kept_layers_gathered_after_forward"])
+    assert res["resharded_layers_gathered_after_forward"] == [False] * (n - 1) + [True]
 
 
 def test_gate_dtype_inside_sharded_step(sharded_run):

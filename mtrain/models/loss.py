@@ -4,8 +4,9 @@ The forward pass walks over token chunks: logits of one chunk (model dtype GEMM,
 when gradients are needed -- its gradients w.r.t. the hidden states and the output weight, which are stored for the
 backward pass. Peak extra memory is one chunk of logits and their gradient plus the weight gradient, instead of the
 full fp32 logits and their gradient (for Qwen3's 151,936-token vocabulary, 8k tokens: 5 GB -> 1.2 GB at chunk 2k).
-The weight gradient accumulates in the weight's dtype, one ``addmm_`` per chunk after the first: the GEMM sums in fp32 and rounds
-once per chunk (bf16: 0.6 GB kept for the backward at Qwen3's vocabulary, where an fp32 accumulator kept 1.2 GB).
+The weight gradient accumulates in the weight's dtype: the first chunk's GEMM writes it, each later one adds to it
+(``addmm_``: the GEMM sums in fp32 and rounds once per chunk; bf16: 0.6 GB kept for the backward at Qwen3's
+vocabulary, where an fp32 accumulator kept 1.2 GB).
 """
 
 from __future__ import annotations
