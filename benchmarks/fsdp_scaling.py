@@ -219,8 +219,8 @@ def main(argv=None) -> None:
     if a.smoke:
         a.shape, a.layers, a.deep_layers, a.batch, a.seq, a.steps, a.warmup = "tiny_qwen", 2, 3, 2, 32, 2, 1
         a.gpus = 2
-    elif not torch.cuda.is_available() or torch.cuda.device_count() < (1 if a.compile_split else a.gpus):
-        sys.exit(f"needs {a.gpus} CUDA devices (or --smoke)")
+    elif not torch.cuda.is_available() or torch.cuda.device_count() < (need := 1 if a.compile_split else a.gpus):
+        sys.exit(f"needs {need} CUDA device(s) (or --smoke)")
     if a.compile_split:
         return compile_split(a)
     deep = a.deep_layers or auto_deep_layers(a, a.layers)

@@ -51,7 +51,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk_fn = _chunk_fn(h.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.empty_like(w) if need_w else None
+        grad_w = (torch.empty_like(w) if h.shape[0] else torch.zeros_like(w)) if need_w else None  # no chunk: 0
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
             loss, grad = chunk_fn(hc @ w.t(), tc, need_h or need_w)
