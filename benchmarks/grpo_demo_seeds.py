@@ -29,7 +29,9 @@ VARIANTS = {
 }
 
 
-def run(out: Path, seeds: list[int], parallel: int, extra: list[str] = (), variants: list[str] | None = None) -> list[dict]:
+def run(out: Path, seeds: list[int], parallel: int, extra: list[str] = (), variants: list[str] | None = None,
+        done=lambda row: None) -> list[dict]:
+    """All jobs, ``parallel`` at a time; ``done(row)`` is called as each job ends (rows survive a cut-off run)."""
     out.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -41,9 +43,11 @@ def run(out: Path, seeds: list[int], parallel: int, extra: list[str] = (), varia
         with open(f"{d}.log", "w") as log:
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         m = json.loads((d / "metrics.json").read_text()) if rc == 0 else {}
-        return {"variant": name, "seed": seed, "rc": rc, "overrides": overrides,
-                **{k: m.get(k) for k in ("val_accuracy_before", "val_accuracy", "val_accuracy_curve", "warm_start",
-                                         "wall_s", "reward_mean_last10")}}
+        row = {"variant": name, "seed": seed, "rc": rc, "overrides": overrides,
+               **{k: m.get(k) for k in ("val_accuracy_before", "val_accuracy", "val_accuracy_curve", "warm_start",
+                                        "wall_s", "reward_mean_last10")}}
+        done(row)
+        return row
 
     jobs = [(name, s, o) for name, o in VARIANTS.items() if not variants or name in variants for s in seeds]
     with ThreadPoolExecutor(parallel) as pool:
@@ -59,10 +63,9 @@ def main() -> None:
     ap.add_argument("--card", default=f"CPU ({os.cpu_count()} cores, 1 thread per job), {platform.machine()}")
     ap.add_argument("extra", nargs="*", help="more overrides for every job (e.g. trainer.max_steps=2 for a smoke test)")
     a = ap.parse_args()
-    rows = run(a.out, a.seeds, a.parallel, a.extra, a.variants)
     date = datetime.date.today().isoformat()
-    for r in rows:
-        print(json.dumps({"date": date, "card": a.card, "bench": "grpo_demo_seeds", "extra": a.extra, **r}))
+    stamp = {"date": date, "card": a.card, "bench": "grpo_demo_seeds", "extra": a.extra}
+    rows = run(a.out, a.seeds, a.parallel, a.extra, a.variants, done=lambda r: print(json.dumps(stamp | r), flush=True))
     ends = {}
     for r in rows:
         ends.setdefault(r["variant"], []).append(r["val_accuracy"])
