@@ -72,9 +72,9 @@ def make_hf(cfg, device, state_dict=None, dtype=torch.bfloat16):
     return model
 
 
-def ours_step(model, ids, targets):
-    """One fwd+bwd of mtrain's causal-LM loss (targets already shifted)."""
-    model.loss(ids, targets).backward()
+def ours_step(model, ids, targets, **loss_kw):
+    """One fwd+bwd of mtrain's causal-LM loss (targets already shifted; ``loss_kw``: e.g. ``chunk_size``)."""
+    model.loss(ids, targets, **loss_kw).backward()
 
 
 def hf_step(model, ids, targets):

@@ -26,7 +26,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_results, batch, card, hf_step, make_hf, make_mtrain, mtrain_config  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    append_results, batch, card, hf_step, make_hf, make_mtrain, mtrain_config, ours_step,
+)
 
 
 class ClockSampler:
@@ -99,18 +101,15 @@ def main() -> None:
     ours.compile_layers()
     mm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 
-    def mtrain_step(chunk):
-        def step():
-            ours.zero_grad(set_to_none=True)
-            ours.loss(ids, targets, chunk_size=chunk).backward()
-        return step
+    def train(model, step, **kw):
+        def run():
+            model.zero_grad(set_to_none=True)
+            step(model, ids, targets, **kw)
+        return run
 
-    def ref_step():
-        ref.zero_grad(set_to_none=True)
-        hf_step(ref, ids, targets)
-
-    phases = {f"mtrain compiled, loss chunk {c}": (mtrain_step(c), ids.numel()) for c in a.chunks}
-    phases["transformers eager"] = (ref_step, ids.numel())
+    phases = {f"mtrain compiled, loss chunk {c}": (train(ours, ours_step, chunk_size=c), ids.numel())
+              for c in a.chunks}
+    phases["transformers eager"] = (train(ref, hf_step), ids.numel())
     phases["bf16 GEMM 8192^3"] = (lambda: mm @ mm, 0)
     rows = []
     print(f"{card()}, {a.shape} x{a.layers}, {a.batch}x{a.seq} tokens, {a.seconds:.0f} s per phase", flush=True)
