@@ -92,7 +92,8 @@ def bare_loop(overrides: list[str], warmup: int, steps: int) -> dict:
 def cli_run(overrides: list[str], steps: int) -> dict:
     m, wall = run_cli([*overrides, f"trainer.max_steps={steps}"], REPO, Path(tempfile.mkdtemp()) / "run")
     return {"tokens_per_s_steady": m["tokens_per_s_steady"], "tokens_per_s": m["tokens_per_s"],
-            "seconds": m["seconds"], "job_wall_s": wall}
+            "seconds": m["seconds"], "job_wall_s": wall, "checkpoint_written_gb": m.get("checkpoint_written_gb"),
+            "checkpoint_write_mb_per_s": m.get("checkpoint_write_mb_per_s")}
 
 
 def main() -> None:
@@ -111,11 +112,13 @@ def main() -> None:
     cli = cli_run(overrides, a.warmup + a.steps)
     ratio = cli["tokens_per_s_steady"] / bare["tokens_per_s"]
     print(f"CLI loop:  {cli['tokens_per_s_steady']:,.0f} tokens/s after the first step; "
-          f"{ratio:.1%} of the bare loop; job {cli['job_wall_s']:.0f} s, seconds {cli['seconds']}")
+          f"{ratio:.1%} of the bare loop; job {cli['job_wall_s']:.0f} s, seconds {cli['seconds']}; checkpoints "
+          f"{cli['checkpoint_written_gb']} GB written at {cli['checkpoint_write_mb_per_s']} MB/s")
     if not a.no_save and not a.smoke:
         append_results([{"bench": "cli_loop", "overrides": " ".join(overrides), "steps": a.warmup + a.steps,
                          "bare_tok_s": round(bare["tokens_per_s"]), "cli_tok_s_steady": round(cli["tokens_per_s_steady"]),
-                         "ratio": round(ratio, 3), "cli_seconds": cli["seconds"], "card": card()}])
+                         "ratio": round(ratio, 3), "cli_seconds": cli["seconds"], "card": card(),
+                         **{k: cli[k] for k in ("checkpoint_written_gb", "checkpoint_write_mb_per_s")}}])
 
 
 if __name__ == "__main__":

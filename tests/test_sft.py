@@ -358,6 +358,11 @@ def test_a_slow_checkpoint_write_does_not_lower_the_reported_training_throughput
     assert set(s) >= {"startup", "fit", "train_steps", "validation", "checkpoint", "final_validation"}
     # the job's end, from the last step on: the final validation and the wait for the last write are part of it
     assert s["final_validation"] + s["checkpoint_wait_at_end"] <= s["after_last_step"] < m["wall_s"] - s["startup"]
+    # the disk's pace beside what was written: every write counted, at the size it left on disk
+    last = next(tmp_path.rglob("last.ckpt")).stat().st_size
+    assert m["checkpoint_written_gb"] * 1e9 == pytest.approx(len(writes) * last, rel=0.01)
+    assert m["checkpoint_write_mb_per_s"] == pytest.approx(m["checkpoint_written_gb"] * 1e3 / s["checkpoint_writes"],
+                                                           rel=0.01)
 
 
 def test_clipping_folded_into_the_fused_adamw_step_equals_clip_then_step():

@@ -22,12 +22,15 @@ def finish(run_dir: Path, metrics: dict, files: dict, t_start: float, rank_zero:
     """The end of every training job: wall time and files into ``metrics``, ``metrics.json`` and the printed summary
     (rank 0); returns ``metrics``. ``last_step_at``: ``perf_counter()`` at the end of the last training step, for
     ``seconds.after_last_step`` (what the job's end costs: final validation, checkpoint, export)."""
-    waited, written = wait_for_checkpoints()  # the last write overlapped the job's end; it is on disk from here
+    writes = wait_for_checkpoints()  # the last write overlapped the job's end; it is on disk from here
     if isinstance(metrics.get("seconds"), dict):
-        metrics["seconds"]["checkpoint_wait_at_end"] = round(waited, 3)  # what the job still waited for it
-        metrics["seconds"]["checkpoint_writes"] = round(written, 3)  # in the background thread, all writes
+        metrics["seconds"]["checkpoint_wait_at_end"] = round(writes.waited_s, 3)  # what the job still waited for it
+        metrics["seconds"]["checkpoint_writes"] = round(writes.written_s, 3)  # in the background thread, all writes
         if last_step_at is not None:
             metrics["seconds"]["after_last_step"] = round(time.perf_counter() - last_step_at, 3)
+    if writes.written_bytes:  # the disk's pace: what bounds the job's end when its last write is large
+        metrics["checkpoint_written_gb"] = round(writes.written_bytes / 1e9, 3)
+        metrics["checkpoint_write_mb_per_s"] = round(writes.written_bytes / 1e6 / max(writes.written_s, 1e-9), 1)
     metrics["wall_s"] = time.perf_counter() - t_start
     metrics["files"] = files
     if rank_zero:

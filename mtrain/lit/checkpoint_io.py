@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -87,13 +87,14 @@ def _to_host_on_side_stream(snapshot: dict[str, Any], ready: "torch.cuda.Event",
 class BackgroundCheckpointIO(StreamingCheckpointIO):
     """:class:`StreamingCheckpointIO` in a background thread, after a snapshot of the checkpoint's tensors (a device
     copy where the GPU has room, else a host copy). ``write_seconds`` sums the background writes (with the device
-    snapshots' copies to host memory)."""
+    snapshots' copies to host memory), ``write_bytes`` the bytes they wrote."""
 
     def __init__(self) -> None:
         super().__init__()
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self.write_seconds = 0.0
+        self.write_bytes = 0
         self.device_snapshots = 0  # saves whose snapshot was a device copy
         _LIVE.add(self)
 
@@ -117,6 +118,7 @@ class BackgroundCheckpointIO(StreamingCheckpointIO):
             if ready is not None:
                 snapshot = _to_host_on_side_stream(snapshot, ready, device)
             super().save_checkpoint(snapshot, path, storage_options)
+            self.write_bytes += Path(path).stat().st_size
         except BaseException as e:  # noqa: BLE001  (raised in the caller's thread by wait())
             self._error = e
         self.write_seconds += time.perf_counter() - t0
@@ -145,12 +147,19 @@ class BackgroundCheckpointIO(StreamingCheckpointIO):
             self.wait()
 
 
-def wait_for_checkpoints() -> tuple[float, float]:
-    """Wait for every background checkpoint write of this process (raise a failed write's error); return the
-    seconds waited and the seconds all of them took to write."""
+class CheckpointWrites(NamedTuple):
+    waited_s: float  # how long the caller waited for the write in flight
+    written_s: float  # what all of this process's background writes took
+    written_bytes: int  # what they wrote
+
+
+def wait_for_checkpoints() -> CheckpointWrites:
+    """Wait for every background checkpoint write of this process (raise a failed write's error); say how long that
+    took and what all of them wrote."""
     t0 = time.perf_counter()
     ios = list(_LIVE)
     for io in ios:
         io.wait()
         _LIVE.discard(io)  # counted once: the next job of this process (a multirun) starts from zero
-    return time.perf_counter() - t0, sum(io.write_seconds for io in ios)
+    return CheckpointWrites(time.perf_counter() - t0, sum(io.write_seconds for io in ios),
+                            sum(io.write_bytes for io in ios))
