@@ -11,7 +11,10 @@ and runs each for ``--seconds`` of back-to-back steps, alternating (A B A B ...:
 ``nvidia-smi`` samples the SM clock, the power draw and the power limit every 50 ms meanwhile. A plain bf16 GEMM loop
 (8192^3) gives the card's clock and power at full GEMM load. With ``--chunks``, mtrain runs once per lm_head loss
 chunk size; the peak memory a phase adds over what was allocated before it is printed too, since both models stay
-resident. Appends one ``sustained_step`` row per phase to benchmarks/results.jsonl (and $OUT).
+resident. ``--graph`` adds mtrain's step captured whole (forward and backward) in one CUDA graph and replayed: no
+host launch gaps at all (its loss and gradients are checked against the plain step first). ``--hf-compiled`` adds
+transformers under ``torch.compile``. Appends one ``sustained_step`` row per phase to benchmarks/results.jsonl (and
+$OUT).
 """
 
 from __future__ import annotations
@@ -82,6 +85,39 @@ def sustained(step, tokens: int, seconds: float, sync_every: int = 4) -> dict:
             "peak_added_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2), **clocks.summary}
 
 
+def graphed(model, ids, targets):
+    """mtrain's compiled fwd+bwd captured once into a CUDA graph and replayed; checks the replay's loss and
+    gradients against the plain step first."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    ref_loss = model.loss(ids, targets)
+    ref_loss.backward()
+    ref_loss = ref_loss.item()  # drop the graph: it holds the leaves' AccumulateGrad nodes, made on this stream
+    ref_grads = [p.grad.clone() for p in params]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            model.loss(ids, targets).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    model.zero_grad(set_to_none=True)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loss = model.loss(ids, targets)
+        loss.backward()
+    grads = [p.grad for p in params]
+    g.replay()
+    torch.cuda.synchronize()
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads, ref_grads))
+    print(f"  CUDA graph: loss {loss.item():.6f} vs {ref_loss:.6f}, max grad diff {diff:.3e}", flush=True)
+
+    def run():
+        g.replay()
+    run.check = {"graph_loss_diff": abs(loss.item() - ref_loss), "graph_max_grad_diff": diff}  # into the rows
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="glm45_air")
@@ -91,6 +127,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="per phase")
     p.add_argument("--rounds", type=int, default=2, help="A B rounds")
     p.add_argument("--chunks", type=int, nargs="+", default=[2048], help="mtrain's lm_head loss chunk sizes")
+    p.add_argument("--graph", action="store_true", help="also mtrain's compiled fwd+bwd captured in one CUDA graph")
+    p.add_argument("--hf-compiled", action="store_true", help="also transformers with torch.compile")
     p.add_argument("--no-save", action="store_true")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 gate GEMM must be real fp32
@@ -109,7 +147,13 @@ def main() -> None:
 
     phases = {f"mtrain compiled, loss chunk {c}": (train(ours, ours_step, chunk_size=c), ids.numel())
               for c in a.chunks}
+    if a.graph:
+        phases["mtrain compiled + CUDA graph"] = (graphed(ours, ids, targets), ids.numel())
     phases["transformers eager"] = (train(ref, hf_step), ids.numel())
+    if a.hf_compiled:
+        ref_c = make_hf(cfg, "cuda", ours.state_dict()).train()
+        ref_c.compile()
+        phases["transformers compiled"] = (train(ref_c, hf_step), ids.numel())
     phases["bf16 GEMM 8192^3"] = (lambda: mm @ mm, 0)
     rows = []
     print(f"{card()}, {a.shape} x{a.layers}, {a.batch}x{a.seq} tokens, {a.seconds:.0f} s per phase", flush=True)
@@ -119,7 +163,8 @@ def main() -> None:
             if not tokens:
                 res["tflops"] = round(2 * 8192**3 * res.pop("tok_s") / 1e12, 1)
             rows.append({"bench": "sustained_step", "shape": a.shape, "layers": a.layers,
-                         "tokens": f"{a.batch}x{a.seq}", "phase": name, "round": r, "seconds": a.seconds, **res})
+                         "tokens": f"{a.batch}x{a.seq}", "phase": name, "round": r, "seconds": a.seconds, **res,
+                         **getattr(step, "check", {})})
             print(f"  round {r} {name:34s} " + " ".join(f"{k} {v}" for k, v in res.items()), flush=True)
     if not a.no_save:
         append_results(rows)
