@@ -23,10 +23,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from mtrain.config import ENV_VAR, ConfigError, parse_fd_enable_rl, prepare_run, save_resolved
+from mtrain.job.preflight import check_model_job
 from mtrain.job.records import interruptions, write_json
 from mtrain.job.run import Job, user_error
 from mtrain.parallel.launch import requeue_signals, resume_request, slurm_requeue
-from mtrain.tasks import get_task
+from mtrain.tasks import MODEL_TASKS, get_task
 
 log = logging.getLogger("mtrain")
 
@@ -109,6 +110,8 @@ def run_job(cfg: DictConfig) -> dict:
             (job.dir / "status.json").unlink(missing_ok=True)
         path = save_resolved(resolved, job.dir)
         log.info("task=%s, run dir %s (resolved config: %s)", resolved.task.name, job.dir, path.name)
+        if resolved.task.name in MODEL_TASKS:  # before the task's module (and Lightning) is imported: fails fast
+            check_model_job(resolved, job.multirun)
         with plan.job_env():
             result = get_task(resolved.task.name)(job)
         metrics = job.dir / "metrics.json"

@@ -56,15 +56,17 @@ def compose_cfg(overrides: Iterable[str] = (), return_hydra_config: bool = False
 
 
 def run_cli(
-    args: Iterable[str], cwd: Path, env: Optional[dict[str, str]] = None, timeout: float = 120
+    args: Iterable[str], cwd: Path, env: Optional[dict[str, str]] = None, timeout: float = 120,
+    entry: tuple[str, ...] = ("-m", "mtrain"),
 ) -> subprocess.CompletedProcess:
-    """``python -m mtrain <args>`` in a subprocess, from ``cwd``, with FD_ENABLE_RL/HYDRA_FULL_ERROR unset unless
-    given in ``env``. The checkout is put first on PYTHONPATH so this tests the working tree."""
+    """``python -m mtrain <args>`` (or ``python <entry> <args>``) in a subprocess, from ``cwd``, with
+    FD_ENABLE_RL/HYDRA_FULL_ERROR unset unless given in ``env``. The checkout is put first on PYTHONPATH so this
+    tests the working tree."""
     full_env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "HYDRA_FULL_ERROR")}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "mtrain", *args],
+        [sys.executable, *entry, *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,6 +122,27 @@ def test_our_errors_are_one_line_exit_2(cli, tmp_path, args, env, first):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(first), r.stderr
+
+
+# what python -m mtrain does, then whether the job imported Lightning before it exited
+_MAIN_THEN_LIGHTNING = (
+    "import sys\nfrom mtrain.cli import main\nsys.argv[0] = 'mtrain'\n"
+    "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'lightning' in sys.modules)\n"
+)
+
+
+@pytest.mark.parametrize("args", [
+    ["data.task=nope"],
+    ["trainer.profiler=gprof"],
+    ["trainer.fsdp_reshard_after_forward=false"],
+    ["task=eval", "data.batch_size=0"],
+    ["task=grpo", "trainer.profiler=x"],
+])
+def test_a_model_jobs_bad_setting_fails_before_lightning_is_imported(tmp_path, args):
+    """A typo costs the seconds the config takes to compose, not Lightning's import on top (more than twice that)."""
+    r = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, entry=("-c", _MAIN_THEN_LIGHTNING))
+    assert r.stdout.strip().splitlines()[-1] == "exit 2 False", r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("mtrain: error: "), r.stderr
 
 
 def test_import_registers_resolvers_in_a_fresh_process():

@@ -21,7 +21,7 @@ _EXPORTS = {
     "shift": "datasets",
     "MTrainDataModule": "module",
     "build_datamodule": "module",
-    "to_data_config": "module",
+    "to_data_config": "config",
     "TASKS": "synthetic",
     "check_answer": "synthetic",
     "generate": "synthetic",

@@ -11,8 +11,9 @@ are shifted by one, so it fits when ``n <= max_length + 1``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from mtrain.data.errors import DataError
 from mtrain.data.synthetic import TASKS
@@ -89,3 +90,29 @@ class DataConfig:
     @property
     def name_ext(self) -> str:
         return "jsonl" if self.name == "jsonl" else "txt"
+
+
+def to_data_config(cfg: Any) -> DataConfig:
+    """A validated-type ``DataConfig`` from a DataConfig, an OmegaConf node (typed or not) or a plain dict.
+    A mandatory value left at ``???`` (``data.train_path`` of data=jsonl/text) -> ``DataError`` naming it."""
+    if isinstance(cfg, DataConfig):
+        return cfg
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(cfg, DictConfig):
+        for key in cfg:
+            if OmegaConf.is_missing(cfg, key):
+                raise DataError(f"data.{key} is required (it is ???). Fix: set data.{key}=... on the command line "
+                                f"or in your experiment config.")
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(cfg, dict):
+        raise TypeError(f"expected a DataConfig, DictConfig or dict, got {type(cfg).__name__}")
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise DataError(f"unknown data settings {unknown}; known: {sorted(known)}")
+    try:  # type-checks values the way the Hydra schema would (e.g. max_length must be an int)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg))
+    except OmegaConfBaseException as e:
+        raise DataError(f"bad data settings: {e}".replace("\n", " ")) from None

@@ -7,7 +7,6 @@ S == ``max_length`` with packing or ``pad_to_max_length``.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -17,37 +16,11 @@ from torch.utils.data import DataLoader
 from tokenizers import Tokenizer
 
 from mtrain.data import synthetic
-from mtrain.data.config import DataConfig
+from mtrain.data.config import DataConfig, to_data_config
 from mtrain.data.errors import DataError
 from mtrain.data.sampler import EpochSampler, ResumableLoader
 from mtrain.data.datasets import Collator, Record, TokenDataset, encode_records, make_dataset, read_records
 from mtrain.data.tokenizer import load_tokenizer, special_ids, synthetic_tokenizer
-
-
-def to_data_config(cfg: Any) -> DataConfig:
-    """A validated-type ``DataConfig`` from a DataConfig, an OmegaConf node (typed or not) or a plain dict.
-    A mandatory value left at ``???`` (``data.train_path`` of data=jsonl/text) -> ``DataError`` naming it."""
-    if isinstance(cfg, DataConfig):
-        return cfg
-    from omegaconf import DictConfig, OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    if isinstance(cfg, DictConfig):
-        for key in cfg:
-            if OmegaConf.is_missing(cfg, key):
-                raise DataError(f"data.{key} is required (it is ???). Fix: set data.{key}=... on the command line "
-                                f"or in your experiment config.")
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    if not isinstance(cfg, dict):
-        raise TypeError(f"expected a DataConfig, DictConfig or dict, got {type(cfg).__name__}")
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise DataError(f"unknown data settings {unknown}; known: {sorted(known)}")
-    try:  # type-checks values the way the Hydra schema would (e.g. max_length must be an int)
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg))
-    except OmegaConfBaseException as e:
-        raise DataError(f"bad data settings: {e}".replace("\n", " ")) from None
 
 
 class MTrainDataModule(L.LightningDataModule):

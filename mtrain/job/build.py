@@ -16,14 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtrain.config import ConfigError
 from mtrain.data import MTrainDataModule, build_datamodule
-from mtrain.lit.trainer import check_profiler
 from mtrain.models import CheckpointError, MoECausalLM, PrecisionPolicy, build_model, from_pretrained, read_config
 from mtrain.models.checkpoint import dtype_of
 from mtrain.models.config import MoEConfig
 from mtrain.models.flops import active_params_per_token
-from mtrain.parallel.launch import check_launch, slurm_cpus_per_task
-from mtrain.parallel.lightning import FSDPPlan, plan_for, uses_fsdp
+from mtrain.parallel.launch import slurm_cpus_per_task
+from mtrain.parallel.launch import uses_fsdp
+from mtrain.parallel.lightning import FSDPPlan, plan_for
 
+from .preflight import check_model_job
 from .run import Job
 
 log = logging.getLogger("mtrain")
@@ -111,15 +112,7 @@ class Setup:
 def build_setup(job: Job) -> Setup:
     """Data module (set up), then the model (checkpoint or random init, grown to the tokenizer's vocabulary)."""
     cfg = job.cfg
-    missing = sorted(f"{node}.{key}" for node in ("model", "data") for key in cfg[node] if OmegaConf.is_missing(cfg[node], key))
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} must be set (it is ???): e.g. python -m mtrain {missing[0]}=/path/to/it")
-    # before any work: a multi-process job under -m must come from torchrun/SLURM, not from Lightning re-running argv
-    check_launch(cfg.trainer.devices, cfg.trainer.num_nodes, multirun=job.multirun, accelerator=str(cfg.trainer.accelerator))
-    check_profiler(cfg.trainer.get("profiler"))
-    if not cfg.trainer.get("fsdp_reshard_after_forward", True) and not uses_fsdp(cfg.trainer):
-        raise ConfigError("trainer.fsdp_reshard_after_forward=false applies to trainer=fsdp only: drop it, or add "
-                          "trainer=fsdp")
+    check_model_job(cfg, job.multirun)  # the CLI ran it already; code calling a task directly has not
     src = tokenizer_source(cfg)
     dm = build_datamodule(cfg.data, src)
     dm.setup()

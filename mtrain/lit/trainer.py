@@ -12,9 +12,9 @@ import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from mtrain.config import ConfigError
 from mtrain.data.sampler import ResumeData
 from mtrain.lit.checkpoint_io import BackgroundCheckpointIO
+from mtrain.lit.profilers import make_profiler
 from mtrain.lit.callbacks import FiniteGuard, StepProgressBar, StopOnSignal, make_checkpoint, make_loggers
 from mtrain.parallel.lightning import trainer_kwargs
 
@@ -110,23 +110,6 @@ def build_trainer(
         trainer.strategy.__class__ = _StayOnDevice
     sigterm_check_every(trainer, int(kw.get("log_every_n_steps") or 1))
     return trainer
-
-
-def make_profiler(kind: str, run_dir: Path):
-    """``trainer.profiler``: Lightning's ``simple`` (host seconds per loop action: where a host-bound step goes) or
-    ``advanced`` (cProfile of each action), writing ``<run dir>/fit-profile.txt``."""
-    from lightning.pytorch.profilers import AdvancedProfiler, SimpleProfiler
-
-    check_profiler(kind)
-    return {"simple": SimpleProfiler, "advanced": AdvancedProfiler}[kind](dirpath=str(run_dir), filename="profile")
-
-
-PROFILERS = ("simple", "advanced")
-
-
-def check_profiler(kind: Optional[str]) -> None:
-    if kind is not None and kind not in PROFILERS:
-        raise ConfigError(f"trainer.profiler={kind!r} is not one of {', '.join(PROFILERS)} or null")
 
 
 def sigterm_check_every(trainer: L.Trainer, every: int) -> None:

@@ -22,6 +22,12 @@ from typing import Any, Mapping
 
 from .errors import ParallelError
 
+STRATEGY = "fsdp2"  # trainer.strategy value that selects FSDP2 through ModelParallelStrategy (trainer=fsdp)
+
+
+def uses_fsdp(trainer_cfg: Any) -> bool:
+    return str(getattr(trainer_cfg, "strategy", "auto")) == STRATEGY
+
 
 def external_launcher() -> str | None:
     """``"torchrun"`` or ``"slurm"`` when this process is one of several created by that launcher, else None."""
@@ -54,9 +60,11 @@ def check_launch(devices: Any, num_nodes: int = 1, *, multirun: bool, accelerato
 
     Returns the external launcher (``"torchrun"``/``"slurm"``) or None (one process, or Lightning's own launcher
     in a single run)."""
-    launcher = external_launcher()
     world = num_devices(devices, accelerator) * int(num_nodes)
-    if world <= 1 or launcher is not None:
+    if world <= 1:
+        return None  # one process: nothing to launch (and no Lightning import to find that out)
+    launcher = external_launcher()
+    if launcher is not None:
         return launcher
     if multirun:
         raise ParallelError(

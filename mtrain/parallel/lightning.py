@@ -24,17 +24,10 @@ from mtrain.models import MoECausalLM
 
 from .errors import ParallelError
 from .fsdp import apply_fsdp, fsdp_precision, is_sharded
-from .launch import check_launch, num_devices
+from .launch import STRATEGY, check_launch, num_devices
 from .loading import LoadStats, init_sharded, load_sharded
 
 log = logging.getLogger("mtrain")
-
-STRATEGY = "fsdp2"  # trainer.strategy value that selects FSDP2 through ModelParallelStrategy
-
-
-def uses_fsdp(trainer_cfg: Any) -> bool:
-    return str(getattr(trainer_cfg, "strategy", "auto")) == STRATEGY
-
 
 @dataclass
 class FSDPPlan:

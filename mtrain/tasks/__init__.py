@@ -23,6 +23,9 @@ TASKS: dict[str, str] = {
     "grpo": "mtrain.tasks.grpo:run",
 }
 
+# the tasks that build data and a model (mtrain.job.start_job): the CLI checks their config before importing them
+MODEL_TASKS = ("sft", "eval", "grpo")
+
 
 def get_task(name: str) -> Callable[[Any], dict]:
     """The ``run`` function of task ``name``; ConfigError when unknown."""
