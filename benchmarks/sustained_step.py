@@ -85,27 +85,34 @@ def sustained(step, tokens: int, seconds: float, sync_every: int = 4) -> dict:
             "peak_added_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2), **clocks.summary}
 
 
-def graphed(model, ids, targets):
+def graphed(model, ids, targets, chunk_size: int):
     """mtrain's compiled fwd+bwd captured once into a CUDA graph and replayed; checks the replay's loss and
-    gradients against the plain step first."""
+    gradients against the plain step first. The graph's memory pool is allocated at capture, before any phase runs
+    (its phase reads no added peak): ``graph_pool_gib`` in the row says how large it is."""
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
-    ref_loss = model.loss(ids, targets)
+    ref_loss = model.loss(ids, targets, chunk_size=chunk_size)
     ref_loss.backward()
-    ref_loss = ref_loss.item()  # drop the graph: it holds the leaves' AccumulateGrad nodes, made on this stream
+    # drop the autograd graph: it keeps the leaves' AccumulateGrad nodes, created on the default stream, which the
+    # captured backward would then reuse (the capture fails: "would make the legacy stream depend on a capturing ...")
+    ref_loss = ref_loss.item()
     ref_grads = [p.grad.clone() for p in params]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
             model.zero_grad(set_to_none=True)
-            model.loss(ids, targets).backward()
+            model.loss(ids, targets, chunk_size=chunk_size).backward()
     torch.cuda.current_stream().wait_stream(s)
     model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: what is reserved after it is the graph's pool
+    before = torch.cuda.memory_reserved()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        loss = model.loss(ids, targets)
+        loss = model.loss(ids, targets, chunk_size=chunk_size)
         loss.backward()
+    pool_gib = (torch.cuda.memory_reserved() - before) / 2**30
     grads = [p.grad for p in params]
     g.replay()
     torch.cuda.synchronize()
@@ -114,7 +121,8 @@ def graphed(model, ids, targets):
 
     def run():
         g.replay()
-    run.check = {"graph_loss_diff": abs(loss.item() - ref_loss), "graph_max_grad_diff": diff}  # into the rows
+    run.check = {"graph_loss_diff": abs(loss.item() - ref_loss), "graph_max_grad_diff": diff,  # into the rows
+                 "graph_pool_gib": round(pool_gib, 2)}
     return run
 
 
@@ -148,7 +156,8 @@ def main() -> None:
     phases = {f"mtrain compiled, loss chunk {c}": (train(ours, ours_step, chunk_size=c), ids.numel())
               for c in a.chunks}
     if a.graph:
-        phases["mtrain compiled + CUDA graph"] = (graphed(ours, ids, targets), ids.numel())
+        chunk = a.chunks[0]
+        phases[f"mtrain compiled + CUDA graph, loss chunk {chunk}"] = (graphed(ours, ids, targets, chunk), ids.numel())
     phases["transformers eager"] = (train(ref, hf_step), ids.numel())
     if a.hf_compiled:
         ref_c = make_hf(cfg, "cuda", ours.state_dict()).train()

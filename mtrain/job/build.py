@@ -20,8 +20,7 @@ from mtrain.models import CheckpointError, MoECausalLM, PrecisionPolicy, build_m
 from mtrain.models.checkpoint import dtype_of
 from mtrain.models.config import MoEConfig
 from mtrain.models.flops import active_params_per_token
-from mtrain.parallel.launch import slurm_cpus_per_task
-from mtrain.parallel.launch import uses_fsdp
+from mtrain.parallel.launch import slurm_cpus_per_task, uses_fsdp
 from mtrain.parallel.lightning import FSDPPlan, plan_for
 
 from .preflight import check_model_job

@@ -28,8 +28,8 @@ def finish(run_dir: Path, metrics: dict, files: dict, t_start: float, rank_zero:
         metrics["seconds"]["checkpoint_writes"] = round(writes.written_s, 3)  # in the background thread, all writes
         if last_step_at is not None:
             metrics["seconds"]["after_last_step"] = round(time.perf_counter() - last_step_at, 3)
-    if writes.written_bytes:  # the disk's pace: what bounds the job's end when its last write is large
-        metrics["checkpoint_written_gb"] = round(writes.written_bytes / 1e9, 3)
+    if writes.written_bytes:  # the writer's pace (its copy to host memory included): it bounds a large job's end
+        metrics["checkpoint_written_gb"] = round(writes.written_bytes / 1e9, 6)
         metrics["checkpoint_write_mb_per_s"] = round(writes.written_bytes / 1e6 / max(writes.written_s, 1e-9), 1)
     metrics["wall_s"] = time.perf_counter() - t_start
     metrics["files"] = files

@@ -29,6 +29,7 @@ from .loading import LoadStats, init_sharded, load_sharded
 
 log = logging.getLogger("mtrain")
 
+
 @dataclass
 class FSDPPlan:
     """What ``configure_model`` does to the meta model: shard, allocate the local shards, fill them."""
