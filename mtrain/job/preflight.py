@@ -14,13 +14,16 @@ from mtrain.parallel.launch import check_launch, uses_fsdp
 
 def check_model_job(cfg: DictConfig, multirun: bool) -> None:
     """ConfigError (or DataError/ParallelError) on the first setting of ``cfg`` that cannot work."""
-    missing = sorted(f"{node}.{key}" for node in ("model", "data") for key in cfg[node] if OmegaConf.is_missing(cfg[node], key))
+    missing = sorted(f"{node}.{key}" for node in ("model", "data") for key in cfg[node]
+                     if OmegaConf.is_missing(cfg[node], key))
     if missing:
-        raise ConfigError(f"{', '.join(missing)} must be set (it is ???): e.g. python -m mtrain {missing[0]}=/path/to/it")
+        raise ConfigError(f"{', '.join(missing)} must be set (it is ???): e.g. python -m mtrain "
+                          f"{missing[0]}=/path/to/it")
     # a multi-process job under -m must come from torchrun/SLURM, not from Lightning re-running argv
-    check_launch(cfg.trainer.devices, cfg.trainer.num_nodes, multirun=multirun, accelerator=str(cfg.trainer.accelerator))
-    check_profiler(cfg.trainer.get("profiler"))
-    if not cfg.trainer.get("fsdp_reshard_after_forward", True) and not uses_fsdp(cfg.trainer):
+    t = cfg.trainer
+    check_launch(t.devices, t.num_nodes, multirun=multirun, accelerator=str(t.accelerator))
+    check_profiler(t.get("profiler"))
+    if not t.get("fsdp_reshard_after_forward", True) and not uses_fsdp(t):
         raise ConfigError("trainer.fsdp_reshard_after_forward=false applies to trainer=fsdp only: drop it, or add "
                           "trainer=fsdp")
     to_data_config(cfg.data).validate()

@@ -9,9 +9,10 @@ One process per device, started from outside the Python program:
 Lightning sees torchrun's (``TorchElasticEnvironment``) or SLURM's (``SLURMEnvironment``) variables, whose processes
 are created externally, and does not launch any. Without such an environment and with more than one device,
 Lightning's subprocess launcher would re-run ``sys.argv`` once per extra device: under ``-m`` every child would run
-the whole sweep. :func:`check_launch` refuses that case with a message naming both ways to launch. The checks here read the config
-alone (``uses_fsdp``: does ``trainer`` select FSDP2) and import Lightning only when a job has several processes, so
-that a job's config checks run before Lightning's import (``mtrain.job.preflight``).
+the whole sweep. :func:`check_launch` refuses that case with a message naming both ways to launch.
+
+The checks here read the config alone (``uses_fsdp``: does ``trainer`` select FSDP2) and import Lightning only when a
+job has several processes, so that a job's config checks run before Lightning's import (``mtrain.job.preflight``).
 """
 
 from __future__ import annotations
