@@ -104,6 +104,13 @@ def test_config_errors_exit_nonzero_naming_the_key(cli, args, needle):
     assert "Traceback" not in r.stderr
 
 
+# what python -m mtrain does, then whether the job imported Lightning before it exited
+_MAIN_THEN_LIGHTNING = (
+    "import sys\nfrom mtrain.cli import main\nsys.argv[0] = 'mtrain'\n"
+    "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'lightning' in sys.modules)\n"
+)
+
+
 @pytest.mark.parametrize(
     "args,env,first",
     [
@@ -115,34 +122,17 @@ def test_config_errors_exit_nonzero_naming_the_key(cli, args, needle):
         (["trainer.profiler=gprof"], None, "mtrain: error: trainer.profiler='gprof' is not one of simple, advanced"),
         (["trainer.fsdp_reshard_after_forward=false"], None,
          "mtrain: error: trainer.fsdp_reshard_after_forward=false applies to trainer=fsdp only"),
+        (["task=eval", "data.batch_size=0"], None, "mtrain: error: data.batch_size=0 must be >= 1"),
+        (["task=grpo", "trainer.profiler=x"], None, "mtrain: error: trainer.profiler='x' is not one of"),
     ],
 )
-def test_our_errors_are_one_line_exit_2(cli, tmp_path, args, env, first):
-    r = cli(*args, f"hydra.run.dir={tmp_path / 'run'}", env=env)
-    assert r.returncode == 2
+def test_our_errors_are_one_line_exit_2_before_lightning_is_imported(tmp_path, args, env, first):
+    """One line, exit 2, and fast: a bad setting costs the seconds the config takes to compose, not Lightning's
+    import on top (more than twice that)."""
+    r = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, entry=("-c", _MAIN_THEN_LIGHTNING))
+    assert r.stdout.strip().splitlines()[-1] == "exit 2 False", r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(first), r.stderr
-
-
-# what python -m mtrain does, then whether the job imported Lightning before it exited
-_MAIN_THEN_LIGHTNING = (
-    "import sys\nfrom mtrain.cli import main\nsys.argv[0] = 'mtrain'\n"
-    "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'lightning' in sys.modules)\n"
-)
-
-
-@pytest.mark.parametrize("args", [
-    ["data.task=nope"],
-    ["trainer.profiler=gprof"],
-    ["trainer.fsdp_reshard_after_forward=false"],
-    ["task=eval", "data.batch_size=0"],
-    ["task=grpo", "trainer.profiler=x"],
-])
-def test_a_model_jobs_bad_setting_fails_before_lightning_is_imported(tmp_path, args):
-    """A typo costs the seconds the config takes to compose, not Lightning's import on top (more than twice that)."""
-    r = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, entry=("-c", _MAIN_THEN_LIGHTNING))
-    assert r.stdout.strip().splitlines()[-1] == "exit 2 False", r.stdout + r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("mtrain: error: "), r.stderr
 
 
 def test_import_registers_resolvers_in_a_fresh_process():
