@@ -201,6 +201,19 @@ class InjectMismatchConfig:
 
 
 @dataclass
+class RolloutLayoutConfig:
+    """``task.rollout_layout``: fields of ``routed_experts``' layout in a rollout file that override the declared
+    format's (mtrain.data.rollout_formats; null = the format's own)."""
+
+    encoding: Optional[str] = None  # list | base64 | npy
+    dtype: Optional[str] = None  # int32 | int64 | uint8 | uint16 | by_experts (uint8 up to 256 experts, else uint16)
+    layers: Optional[str] = None  # all | moe
+    order: Optional[str] = None  # positions_first | layers_first
+    rows: Optional[str] = None  # seq_len-1 | padded (-1 rows after the routed positions)
+    dense_zero: Optional[bool] = None  # layers=all: the dense layers' entries must read 0
+
+
+@dataclass
 class GRPOTaskConfig(OptimTaskConfig):
     """``task=grpo``: RL fine-tuning with group-relative advantages on the embedded rollout path."""
 
@@ -244,6 +257,11 @@ class GRPOTaskConfig(OptimTaskConfig):
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     inject_mismatch: InjectMismatchConfig = field(default_factory=InjectMismatchConfig)
     rollouts_path: Optional[str] = None  # train on an external engine's rollouts (JSONL, mtrain.data.rollouts)
+    rollout_format: Optional[str] = None  # sglang | vllm | vllm_npy | fastdeploy | mtrain | custom; null: the file's
+    # header line declares it (routed_experts are refused when nothing does)
+    rollout_logprob_temperature: Optional[float] = None  # the temperature the file's logprobs were taken at; null:
+    # the header's, else 1.0 (required for sglang/fastdeploy)
+    rollout_layout: RolloutLayoutConfig = field(default_factory=RolloutLayoutConfig)
     dump_rollouts: bool = False  # write every step's full batch to rollout_batches.jsonl (the same format)
 
 

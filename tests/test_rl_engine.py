@@ -8,7 +8,6 @@ act (masked tokens leave the loss) and are logged."""
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 
@@ -17,7 +16,6 @@ import torch
 from test_grpo import SIGNAL, grpo, history  # noqa: F401  (SIGNAL: a reward with signal on a random model)
 
 from mtrain.data.errors import DataError
-from mtrain.data.rollouts import ModelShape, generation_of, read_rollout_file, rollout_lines
 from mtrain.models import Glm4MoeConfig, Qwen3MoeConfig, RoutingTrace, build_model
 from mtrain.models.generate import generate, recompute
 from mtrain.rl.grpo import MismatchSettings, StepBatch, minibatch_loss, old_policy, LossSettings
@@ -38,11 +36,6 @@ def decisive(family, seed=0):
         for _, router in model.routers():
             router.weight.normal_(0, 0.5)
     return model
-
-
-def shape_of(model) -> ModelShape:
-    c = model.config
-    return ModelShape(c.vocab_size, c.num_hidden_layers, tuple(model.moe_layers), c.num_experts_per_tok, 8)
 
 
 # -- the rollout's routing, position by position -----------------------------------------------------------------
@@ -103,63 +96,13 @@ def test_r2_replays_the_recomputes_own_routing_through_the_updates():
         MismatchSettings(routing_replay="r2", old_logprobs="bypass")
 
 
-# -- the rollout file ---------------------------------------------------------------------------------------------
-def test_rollout_file_round_trip_and_engine_layouts(tmp_path):
-    model = decisive("glm4_moe")  # layer 0 dense: files may carry all layers (the dense one is dropped)
-    gen = generate(model, PROMPTS, max_new_tokens=5, temperature=1.0, seed=4)
-    lines = rollout_lines(gen, [0.5] * 4, [{"prompt": "p"}] * 4)
-    L, k = len(model.moe_layers), 2
-    lines[1]["routed_experts"] = base64.b64encode(torch.tensor(lines[1]["routed_experts"], dtype=torch.int32)
-                                                  .numpy().tobytes()).decode()  # SGLang: base64 int32
-    r2 = torch.tensor(lines[2]["routed_experts"])  # vLLM: one more position, and every layer
-    lines[2]["routed_experts"] = torch.cat([torch.zeros(len(r2) + 1, 1, k, dtype=torch.long),
-                                            torch.cat([r2, r2[-1:]])], dim=1).tolist()
-    f = tmp_path / "r.jsonl"
-    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    rows = read_rollout_file(f, shape_of(model))
-    assert [r.reward for r in rows] == [0.5] * 4 and rows[0].example == {"prompt": "p"}
-    back = generation_of(rows, 5, 0, "cpu")
-    assert torch.equal(back.tokens, gen.tokens) and torch.equal(back.logprobs, gen.logprobs)
-    assert back.width == gen.width and torch.equal(back.lengths, gen.lengths)
-    real = [torch.tensor([False] * (gen.first - len(p)) + [True] * len(p))[: gen.first - 1] for p in PROMPTS]
-    for b in range(4):
-        valid = gen.mask[b]
-        assert torch.equal(back.routing[b][valid], gen.routing[b][valid])
-        assert torch.equal(back.prompt_routing[b][real[b]], gen.prompt_routing[b][real[b]])
-    assert gen.routing.shape[2] == L
-
-
-BAD = {
-    "vocab": ({"response_ids": [9999]}, "outside the model's vocabulary"),
-    "positive logprob": ({"logprobs": [0.5, -1.0]}, "logprobs[0] = 0.5"),
-    "nan logprob": ({"logprobs": [float("nan"), -1.0]}, "logprobs[0] = nan"),
-    "length": ({"logprobs": [-1.0]}, "1 logprobs for 2 response tokens"),
-    "layers": ({"routed_experts": [[[0, 1]] * 5] * 4}, "5 layers"),
-    "top_k": ({"routed_experts": [[[0, 1, 2]] * 2] * 4}, "top_k 3"),
-    "expert id": ({"routed_experts": [[[0, 8]] * 2] * 4}, "expert id 8"),
-    "positions": ({"routed_experts": [[[0, 1]] * 2] * 7}, "covers 7 positions"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_rollout_lines_are_refused_naming_the_line(tmp_path, case):
-    model = decisive("glm4_moe")
-    good = {"prompt_ids": [1, 5, 9], "response_ids": [4, 2], "logprobs": [-0.5, -1.0],
-            "routed_experts": [[[0, 1]] * 2] * 4}
-    f = tmp_path / "r.jsonl"
-    change, message = BAD[case]
-    f.write_text(json.dumps(good) + "\n" + json.dumps(good | change) + "\n")
-    with pytest.raises(DataError, match=r"r\.jsonl:2: ") as e:
-        read_rollout_file(f, shape_of(model))
-    assert message in str(e.value), str(e.value)
-
-
+# -- the rollout file (its formats: tests/test_rollout_files.py) ------------------------------------------------
 def test_training_from_the_dumped_rollout_file_reproduces_the_in_process_update(tmp_path):
     common = ["rl=on", "trainer.max_steps=1", "task.routing_replay=r3", "task.rollout_correction.mode=token_tis",
               "task.export=true", "task.eval_every=0", SIGNAL]
     live, live_dir = grpo(tmp_path, *common, "task.dump_rollouts=true", name="live")
     dumped = live_dir / "rollout_batches.jsonl"
-    assert len(dumped.read_text().splitlines()) == 16
+    assert len(dumped.read_text().splitlines()) == 1 + 16  # the header line, then 4 prompts x 4 responses
     replayed, file_dir = grpo(tmp_path, *common, f"task.rollouts_path={dumped}", name="file")
     assert live["train_grad_norm"] > 0 and replayed["train_grad_norm"] == live["train_grad_norm"]
     from safetensors.torch import load_file

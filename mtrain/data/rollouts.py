@@ -4,23 +4,26 @@ A line::
 
     {"prompt_ids": [1, 7, 9], "response_ids": [12, 4, 2], "logprobs": [-0.11, -0.02, -0.3],
      "reward": 1.0,                       # optional: else the task's reward function scores the decoded response
-     "routed_experts": [[[3, 5], ...]],   # optional: nested lists, or base64 of little-endian int32
+     "routed_experts": ...,               # optional: in the declared layout (mtrain.data.rollout_formats)
      "prompt": "37+48=", "answer": "85"}  # optional text fields, handed to the reward function as the example
 
-* ``logprobs``: the engine's logprob of each response token (temperature 1), one per ``response_ids`` entry, <= 0.
-* ``routed_experts``: the top-k experts every MoE layer chose at each position that produced a next token, in the
-  layouts engines emit: SGLang ``[seq_len - 1, layers, top_k]`` (``seq_len`` = prompt + response tokens), vLLM
-  ``[seq_len, layers, top_k]`` (the last position is dropped). ``layers`` is the model's MoE layers, or all its
-  layers (the dense ones are then dropped). Base64 strings are decoded with the model's layer count and top_k.
+* ``logprobs``: the engine's logprob of each response token, one per ``response_ids`` entry, <= 0, taken at the
+  declared temperature (the trainer's logprobs are then taken at the same temperature).
+* ``routed_experts``: the top-k experts every layer chose at each position that produced a next token
+  (``seq_len - 1`` positions, ``seq_len`` = prompt + response tokens), in the layout the file or the config declares
+  (:mod:`mtrain.data.rollout_formats`): never guessed from a byte count.
+* An optional first line declares the file: ``{"rollout_format": "sglang", "logprob_temperature": 0.7}`` (and
+  ``"layout": {...}`` to override fields of the format). The config can say the same (``task.rollout_format``,
+  ``task.rollout_logprob_temperature``, ``task.rollout_layout``); where both say something they must agree.
 * Lines are read in order; ``group_size`` consecutive lines are one prompt's group (same ``prompt_ids``).
 
 Any bad line -> ``DataError`` naming ``file:line`` and the fix; nothing is trained. :func:`rollout_lines` writes the
-same format from an in-process :class:`~mtrain.models.generate.Generation` (``task.dump_rollouts``).
+same format from an in-process :class:`~mtrain.models.generate.Generation` (``task.dump_rollouts``, format
+``mtrain``, after :func:`header_line`).
 """
 
 from __future__ import annotations
 
-import base64
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +33,12 @@ import torch
 
 from mtrain.data.datasets import _read, json_object
 from mtrain.data.errors import DataError
+from mtrain.data.rollout_formats import FORMATS, SCALED_BY_DEFAULT, DeclaredLayout, decode_routing, resolve_layout
 from mtrain.models.generate import Generation
 
 EXAMPLE = '{"prompt_ids": [...], "response_ids": [...], "logprobs": [...], "reward": 1.0}'
 _RESERVED = ("prompt_ids", "response_ids", "logprobs", "reward", "routed_experts")
+HEADER = "rollout_format"  # the key that makes a file's first line its declaration
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,15 @@ class ModelShape:
     num_experts: int
 
 
+@dataclass(frozen=True)
+class FileSettings:
+    """What the config declares about a rollout file (None: the file's header says, or nothing is declared)."""
+
+    format: Optional[str] = None
+    temperature: Optional[float] = None
+    layout: Optional[Dict[str, Any]] = None  # field overrides of the format (mtrain.data.rollout_formats)
+
+
 @dataclass
 class RolloutRow:
     prompt_ids: List[int]
@@ -58,19 +72,74 @@ class RolloutRow:
     where: str
 
 
-def read_rollout_file(path: str | Path, shape: ModelShape) -> List[RolloutRow]:
-    """Every line of a rollout file, checked against the model (see the module doc)."""
+def read_rollout_file(path: str | Path, shape: ModelShape, settings: FileSettings = FileSettings()
+                      ) -> tuple[List[RolloutRow], DeclaredLayout]:
+    """Every line of a rollout file, checked against the model and the declared layout (see the module doc), and
+    that declaration (whose ``temperature`` the trainer's logprobs must use)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"{p}: no such rollout file. Fix: give task.rollouts_path a JSONL file, one response per "
                         f"line: {EXAMPLE}")
-    rows = []
-    for n, line in enumerate(_read(p).splitlines(), start=1):
-        if line.strip():
-            rows.append(_parse(json_object(line, f"{p}:{n}", n, EXAMPLE), f"{p}:{n}", shape))
+    lines = [(n, line) for n, line in enumerate(_read(p).splitlines(), start=1) if line.strip()]
+    header = None
+    if lines:
+        first = json_object(lines[0][1], f"{p}:{lines[0][0]}", lines[0][0], EXAMPLE)
+        if HEADER in first and "prompt_ids" not in first:
+            header, lines = (f"{p}:{lines[0][0]}", first), lines[1:]
+    declared = declare(header, settings, str(p))
+    rows = [_parse(json_object(line, f"{p}:{n}", n, EXAMPLE), f"{p}:{n}", shape, declared) for n, line in lines]
     if not rows:
         raise DataError(f"{p}: no rollouts in it. Fix: write one response per line: {EXAMPLE}")
-    return rows
+    return rows, declared
+
+
+def header_line(temperature: float = 1.0) -> dict:
+    """The first line of a rollout file mtrain writes: its format and its logprobs' temperature."""
+    return {HEADER: "mtrain", "logprob_temperature": temperature}
+
+
+def declare(header: Optional[tuple[str, dict]], settings: FileSettings, path: str) -> Optional[DeclaredLayout]:
+    """The file's declared layout from its header line and the config (they must agree where both speak), or None
+    when neither declares a format (then a line with ``routed_experts`` is refused)."""
+    where, h = header if header is not None else (f"{path}:1", {})
+    fmt = _agree(where, "rollout_format", h.get(HEADER), "task.rollout_format", settings.format)
+    temp = _agree(where, "logprob_temperature", h.get("logprob_temperature"), "task.rollout_logprob_temperature",
+                  settings.temperature)
+    if fmt is None:
+        if h.get("layout") or settings.layout:
+            raise DataError(f"{where}: a routing layout is given without a rollout format. Fix: set "
+                            "task.rollout_format (or \"rollout_format\" in the header line); custom takes the "
+                            "layout alone.")
+        return None if temp is None else DeclaredLayout("undeclared", FORMATS["mtrain"], _temperature(where, temp))
+    if temp is None:
+        if fmt in SCALED_BY_DEFAULT:
+            raise DataError(f"{where}: rollout format {fmt}: at which temperature were its logprobs taken? "
+                            f"{SCALED_BY_DEFAULT[fmt]}. Fix: set task.rollout_logprob_temperature (the sampling "
+                            "temperature, or 1.0 for unscaled logprobs), or \"logprob_temperature\" in the header.")
+        temp = 1.0
+    layout = h.get("layout") or {}
+    if not isinstance(layout, dict):
+        raise DataError(f"{where}: \"layout\" must be an object of routing layout fields. Fix: e.g. "
+                        '{"layers": "moe"}.')
+    try:
+        return DeclaredLayout(fmt, resolve_layout(fmt, {**layout, **(settings.layout or {})}),
+                              _temperature(where, temp))
+    except ValueError as e:
+        raise DataError(f"{where}: {e}. Fix: declare one of the engines' formats or a complete custom layout.") from None
+
+
+def _agree(where: str, key: str, in_file: Any, cfg_key: str, in_cfg: Any) -> Any:
+    if in_file is not None and in_cfg is not None and in_file != in_cfg:
+        raise DataError(f"{where}: the file declares {key}={in_file!r}, the config {cfg_key}={in_cfg!r}. Fix: drop "
+                        "one of them, or make them agree.")
+    return in_file if in_file is not None else in_cfg
+
+
+def _temperature(where: str, t: Any) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise DataError(f"{where}: logprob temperature {t!r} is not a number > 0. Fix: give the temperature the "
+                        "engine took its logprobs at (1.0: unscaled).")
+    return float(t)
 
 
 def _ids(obj: dict, key: str, where: str, vocab: int) -> List[int]:
@@ -85,7 +154,7 @@ def _ids(obj: dict, key: str, where: str, vocab: int) -> List[int]:
     return v
 
 
-def _parse(obj: dict, where: str, shape: ModelShape) -> RolloutRow:
+def _parse(obj: dict, where: str, shape: ModelShape, declared: Optional[DeclaredLayout]) -> RolloutRow:
     prompt = _ids(obj, "prompt_ids", where, shape.vocab_size)
     response = _ids(obj, "response_ids", where, shape.vocab_size)
     lps = obj.get("logprobs")
@@ -105,55 +174,18 @@ def _parse(obj: dict, where: str, shape: ModelShape) -> RolloutRow:
         raise DataError(f"{where}: \"reward\" = {reward!r} is not a finite number. Fix: write a number, or leave it "
                         "out to score with task.reward.")
     routed = obj.get("routed_experts")
-    routed_t = _routed(routed, len(prompt) + len(response), where, shape) if routed is not None else None
+    routed_t = None
+    if routed is not None:
+        if declared is None or declared.name == "undeclared":
+            raise DataError(f"{where}: \"routed_experts\" without a declared layout; mtrain does not guess one. Fix: "
+                            f"set task.rollout_format={'|'.join(FORMATS)} (the engine that wrote the file), or "
+                            f"start the file with a header line {{\"{HEADER}\": \"sglang\", "
+                            "\"logprob_temperature\": 1.0}.")
+        routed_t = decode_routing(routed, len(prompt) + len(response), where, declared, shape.num_layers,
+                                  shape.moe_layers, shape.top_k, shape.num_experts)
     example = {k: v for k, v in obj.items() if k not in _RESERVED}
     return RolloutRow(prompt, response, [float(x) for x in lps], None if reward is None else float(reward), routed_t,
                       example, where)
-
-
-def _routed(value: Any, seq_len: int, where: str, shape: ModelShape) -> torch.Tensor:
-    moe, k = len(shape.moe_layers), shape.top_k
-    if isinstance(value, str):
-        try:
-            raw = base64.b64decode(value, validate=True)
-        except ValueError:
-            raise DataError(f"{where}: \"routed_experts\" is not valid base64. Fix: encode the int32 array with "
-                            "base64, or write nested lists.") from None
-        flat = torch.frombuffer(bytearray(raw), dtype=torch.int32) if len(raw) % 4 == 0 else None
-        layers = next((L for L in (moe, shape.num_layers) if flat is not None and flat.numel() % (L * k) == 0
-                       and flat.numel() // (L * k) in (seq_len - 1, seq_len)), None)
-        if layers is None:
-            raise DataError(f"{where}: base64 \"routed_experts\" holds {len(raw)} bytes, not int32 "
-                            f"[{seq_len - 1} or {seq_len} positions, {moe} (or {shape.num_layers}) layers, {k}]. "
-                            "Fix: export the engine's routed experts of this model and this rollout.")
-        t = flat.view(-1, layers, k)
-    else:
-        try:
-            t = torch.tensor(value, dtype=torch.int64)
-        except (TypeError, ValueError, RuntimeError):
-            raise DataError(f"{where}: \"routed_experts\" must be nested lists of integers [positions, layers, "
-                            "top_k]. Fix: write the engine's routed experts as such, or base64 of int32.") from None
-        if t.dim() != 3:
-            raise DataError(f"{where}: \"routed_experts\" has {t.dim()} dimensions; expected [positions, layers, "
-                            "top_k]. Fix: write one [layers, top_k] list per position.")
-    positions, layers, kk = t.shape
-    if positions not in (seq_len - 1, seq_len):
-        raise DataError(f"{where}: \"routed_experts\" covers {positions} positions; prompt + response have {seq_len} "
-                        f"tokens, so {seq_len - 1} (SGLang) or {seq_len} (vLLM) are expected. Fix: the routing must "
-                        "belong to this line's tokens.")
-    if layers not in (moe, shape.num_layers):
-        raise DataError(f"{where}: \"routed_experts\" has {layers} layers; the model has {moe} MoE layers (of "
-                        f"{shape.num_layers}). Fix: export the routing of this model.")
-    if kk != k:
-        raise DataError(f"{where}: \"routed_experts\" has top_k {kk}; the model routes to {k}. Fix: export the "
-                        "routing of this model.")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= shape.num_experts):
-        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
-        raise DataError(f"{where}: \"routed_experts\" has expert id {bad} outside [0, {shape.num_experts}). Fix: "
-                        "export the routing of this model.")
-    if layers != moe:
-        t = t[:, list(shape.moe_layers)]
-    return t[: seq_len - 1].to(torch.int32)
 
 
 def check_groups(rows: Sequence[RolloutRow], group_size: int) -> None:
@@ -169,9 +201,11 @@ def check_groups(rows: Sequence[RolloutRow], group_size: int) -> None:
                                 "write each prompt's responses together, or set task.group_size.")
 
 
-def generation_of(rows: Sequence[RolloutRow], max_new_tokens: int, pad_id: int, device) -> Generation:
+def generation_of(rows: Sequence[RolloutRow], max_new_tokens: int, pad_id: int, device,
+                  temperature: float = 1.0) -> Generation:
     """The rows as the in-process engine would have returned them, in the buffer width ``longest prompt +
-    max_new_tokens`` (the in-process rollout's width, so the trainer computes in the same shapes)."""
+    max_new_tokens`` (the in-process rollout's width, so the trainer computes in the same shapes); their logprobs
+    were taken at ``temperature``."""
     B, N = len(rows), max(len(r.response_ids) for r in rows)
     if N > max_new_tokens:
         long = next(r for r in rows if len(r.response_ids) == N)
@@ -200,7 +234,8 @@ def generation_of(rows: Sequence[RolloutRow], max_new_tokens: int, pad_id: int, 
                         "for every line or for none.")
     else:
         routing = torch.zeros((B, N, 0, 0), dtype=torch.long)
-    gen = Generation(tokens, logprobs, routing, lengths, prompts, longest + max_new_tokens, prompt_routing)
+    gen = Generation(tokens, logprobs, routing, lengths, prompts, longest + max_new_tokens, prompt_routing,
+                     temperature)
     return gen.to(device)
 
 

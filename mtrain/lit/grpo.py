@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from mtrain.data.rollouts import RolloutRow, generation_of, rollout_lines
+from mtrain.data.rollouts import RolloutRow, generation_of, header_line, rollout_lines
 from mtrain.lit.module import WarmupCosine, on_host, param_groups
 from mtrain.models import MoECausalLM
 from mtrain.models.generate import recompute
@@ -93,6 +93,7 @@ class GRPOModule(L.LightningModule):
         evaluate: Optional[Callable[[MoECausalLM], float]] = None,
         rollouts_file: Optional[Path] = None,
         from_file: Optional[Sequence[RolloutRow]] = None,
+        file_temperature: float = 1.0,
         dump_file: Optional[Path] = None,
         pad_id: int = 0,
     ):
@@ -104,6 +105,7 @@ class GRPOModule(L.LightningModule):
         self.evaluate = evaluate
         self.rollouts_file = rollouts_file
         self.from_file, self.dump_file = from_file, dump_file  # rollouts read from / every batch written to a file
+        self.file_temperature = file_temperature  # the file's logprobs were taken at this temperature
         self.pad_id = engine.pad_id if engine is not None else pad_id
         if engine is None and from_file is None:
             raise ValueError("GRPOModule needs a rollout engine or rollouts read from a file")
@@ -164,7 +166,7 @@ class GRPOModule(L.LightningModule):
         if self.from_file is not None:
             n = s.prompts_per_step * G
             rows = self.from_file[step * n : (step + 1) * n]
-            gen = generation_of(rows, s.sampling.max_new_tokens, self.pad_id, self.device)
+            gen = generation_of(rows, s.sampling.max_new_tokens, self.pad_id, self.device, self.file_temperature)
             rewards = [r.reward for r in rows]
             return gen, [r.example for r in rows], None if None in rewards else rewards, 0.0
         rows = self.step_prompts(step)
@@ -185,6 +187,8 @@ class GRPOModule(L.LightningModule):
         rewards = torch.tensor(rewards_list, dtype=torch.float32, device=gen.tokens.device)
         advantages, zero_std = advantages_of(rewards, G, s.advantage, s.norm_adv_by_std)
         if self.dump_file is not None and self.trainer.is_global_zero:
+            if not self.dump_file.exists():
+                self.dump_file.write_text(json.dumps(header_line(gen.temperature)) + "\n")
             with self.dump_file.open("a") as f:
                 for line in rollout_lines(gen, rewards_list, examples):
                     f.write(json.dumps(line) + "\n")

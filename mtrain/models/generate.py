@@ -38,18 +38,19 @@ class Generation:
     # [B, longest - 1, moe_layers, k] experts at the prompt positions before the last one (buffer layout: prompts
     # left-padded to the longest; -1 at padding). None: not recorded (no R3 replay possible).
     prompt_routing: torch.Tensor | None = None
+    temperature: float = 1.0  # the temperature ``logprobs`` were taken at (the trainer's recompute uses it too)
 
     def select(self, rows: torch.Tensor | list[int]) -> "Generation":
         """The rows ``rows`` (e.g. a mini-batch), in the same buffer width."""
         idx = torch.as_tensor(rows, device=self.tokens.device)
         pr = self.prompt_routing[idx] if self.prompt_routing is not None else None
         return Generation(self.tokens[idx], self.logprobs[idx], self.routing[idx], self.lengths[idx],
-                          [self.prompts[int(i)] for i in idx], self.width, pr)
+                          [self.prompts[int(i)] for i in idx], self.width, pr, self.temperature)
 
     def to(self, device) -> "Generation":
         pr = self.prompt_routing.to(device) if self.prompt_routing is not None else None
         return Generation(self.tokens.to(device), self.logprobs.to(device), self.routing.to(device),
-                          self.lengths.to(device), self.prompts, self.width, pr)
+                          self.lengths.to(device), self.prompts, self.width, pr, self.temperature)
 
     @property
     def first(self) -> int:
@@ -224,7 +225,8 @@ def rollout_layout(gen: Generation, pad_id: int = 0) -> tuple[torch.Tensor, torc
 def recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0, *, trace: RoutingTrace | None = None,
               with_entropy: bool = False, rollout_shapes: bool = True):
     """The trainer's side of a rollout: one full forward over prompt + generated tokens in the rollout's layout and
-    buffer width, returning the logprob [B, N] of every generated token (0 after a row's end). Differentiable.
+    buffer width, returning the logprob [B, N] of every generated token (0 after a row's end) at the temperature
+    the rollout's logprobs were taken at (``gen.temperature``: logits / T; 1 = unscaled). Differentiable.
     The output projection runs as the rollout ran it, one ``[B, hidden] @ [hidden, V]`` GEMM per generated position:
     a GEMM's rows can depend on its shape, so the same shapes give the same numbers. ``rollout_shapes=False``: one
     chunked projection over all generated positions instead (faster under autograd: what the policy updates use,
@@ -233,11 +235,12 @@ def recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0, *, trace: Ro
     With ``with_entropy``: (logprobs, entropy of each position's distribution)."""
     ids, positions, mask, first = rollout_layout(gen, pad_id)
     N = gen.tokens.shape[1]
+    T = gen.temperature
     if not rollout_shapes:
         targets = torch.full_like(ids, IGNORE_INDEX)
         targets[:, first - 1 : first - 1 + N] = torch.where(gen.mask, gen.tokens, IGNORE_INDEX)
         out = token_logprobs(model, ids, targets, position_ids=positions, attn_mask=mask, trace=trace,
-                             with_entropy=with_entropy)
+                             with_entropy=with_entropy, temperature=T)
         producing = slice(first - 1, first - 1 + N)
         return tuple(x[:, producing] for x in out) if with_entropy else out[:, producing]
     h = model.hidden_states(ids, position_ids=positions, attn_mask=mask, trace=trace)
@@ -246,6 +249,8 @@ def recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0, *, trace: Ro
     lps, ents = [], []
     for j in range(N):
         logits = h[:, first - 1 + j] @ w.t()
+        if T != 1.0:
+            logits = logits.float() / T
         lps.append(gather_logprobs(logits, targets[:, j]))
         if with_entropy:
             logp = logits.float().log_softmax(-1)

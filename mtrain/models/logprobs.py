@@ -30,10 +30,12 @@ def token_logprobs(
     trace: RoutingTrace | None = None,
     chunk: int = 1024,
     with_entropy: bool = False,
+    temperature: float = 1.0,
 ):
     """fp32 log-probability [B, S] of each target (``targets[:, t]`` follows ``input_ids[:, :t+1]``; -100 = none,
     giving 0), from model-dtype logits computed ``chunk`` rows at a time. Differentiable (wrap in ``no_grad`` to
-    score). ``with_entropy``: also the entropy [B, S] of each position's distribution (0 where no target)."""
+    score). ``with_entropy``: also the entropy [B, S] of each position's distribution (0 where no target).
+    ``temperature``: of the distribution (logits / T; 1 = unscaled)."""
     h = model.hidden_states(input_ids, position_ids=position_ids, attn_mask=attn_mask, trace=trace).flatten(0, 1)
     t = targets.flatten()
     w = model.output_weight
@@ -41,6 +43,8 @@ def token_logprobs(
     for s in range(0, h.shape[0], chunk):
         rows = t[s : s + chunk] != IGNORE_INDEX
         logits = h[s : s + chunk] @ w.t()
+        if temperature != 1.0:
+            logits = logits.float() / temperature
         lps.append(gather_logprobs(logits, torch.where(rows, t[s : s + chunk], -1)))
         if with_entropy:
             logp = logits.float().log_softmax(-1)

@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from mtrain.config import ConfigError
 from mtrain.data.errors import DataError
 from mtrain.data.prompts import read_prompt_jsonl
-from mtrain.data.rollouts import ModelShape, RolloutRow, check_groups, read_rollout_file
+from mtrain.data.rollout_formats import FORMATS
+from mtrain.data.rollouts import FileSettings, ModelShape, RolloutRow, check_groups, read_rollout_file
 from mtrain.data.rewards import exact_match, resolve_reward, score
 from mtrain.job import Job, Setup, export_hf, finish, greedy_accuracy, start_job
 from mtrain.lit import MoELitModule, build_trainer
@@ -65,6 +66,9 @@ def check_config(job: Job) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1 (the number of RL steps)")
     if str(cfg.trainer.strategy) == "fsdp2":
         raise ConfigError("task=grpo does not run under trainer=fsdp yet; use trainer=gpu or trainer=cpu")
+    if t.rollout_format is not None and t.rollout_format not in (*FORMATS, "custom"):
+        raise ConfigError(f"task.rollout_format={t.rollout_format!r} is not one of {', '.join([*FORMATS, 'custom'])} "
+                          "(the engine that wrote task.rollouts_path; docs/rollout-files.md)")
     mismatch_settings(t)
     inj = injection(t, cfg.seed)
     if t.rollouts_path and inj is not None:
@@ -90,14 +94,18 @@ def injection(t, seed: int) -> MismatchInjection | None:
     return inj if inj.active else None
 
 
-def file_rollouts(job: Job, model: MoECausalLM) -> list[RolloutRow]:
-    """``task.rollouts_path``, checked against the model, the group size, the replay mode and the step count."""
+def file_rollouts(job: Job, model: MoECausalLM) -> tuple[list[RolloutRow], float]:
+    """``task.rollouts_path``, checked against the model, the declared layout, the group size, the replay mode and
+    the step count; and the temperature its logprobs were taken at."""
     t, cfg = job.cfg.task, job.cfg
     c = model.config
     moe = tuple(model.moe_layers)
     k = c.num_experts_per_tok
     experts = model.model.layers[moe[0]].mlp.gate.num_experts if moe else 0
-    rows = read_rollout_file(t.rollouts_path, ModelShape(c.vocab_size, c.num_hidden_layers, moe, k, experts))
+    settings = FileSettings(t.rollout_format, t.rollout_logprob_temperature,
+                            OmegaConf.to_container(t.rollout_layout, resolve=True))
+    rows, declared = read_rollout_file(t.rollouts_path, ModelShape(c.vocab_size, c.num_hidden_layers, moe, k, experts),
+                                       settings)
     check_groups(rows, t.group_size)
     if t.routing_replay == "r3" and any(r.routed is None for r in rows):
         where = next(r.where for r in rows if r.routed is None)
@@ -108,7 +116,7 @@ def file_rollouts(job: Job, model: MoECausalLM) -> list[RolloutRow]:
         raise ConfigError(f"task.rollouts_path holds {len(rows)} responses = {len(rows) // per_step} steps of "
                           f"{t.prompts_per_step} prompts x {t.group_size}; trainer.max_steps={cfg.trainer.max_steps} "
                           f"asks for more. Lower trainer.max_steps (or task.prompts_per_step)")
-    return rows
+    return rows, declared.temperature if declared is not None else 1.0
 
 
 def reward_function(task) -> Callable:
@@ -209,7 +217,7 @@ def run(job: Job) -> dict[str, Any]:
                               f"max_new_tokens={max_new} it exceeds the model's context of {limit}; shorten it or "
                               "lower task.max_new_tokens")
 
-    from_file = file_rollouts(job, model) if t.rollouts_path else None
+    from_file, file_temperature = file_rollouts(job, model) if t.rollouts_path else (None, 1.0)
     if from_file is not None:
         max_new = max(max_new, max(len(r.response_ids) for r in from_file))
 
@@ -255,6 +263,7 @@ def run(job: Job) -> dict[str, Any]:
     rollouts_file = out / "rollouts.jsonl"
     lit = GRPOModule(model, engine, encoded, train_prompts, dm.decode, make_scorer(reward_fn), settings, ref_model=ref,
                      evaluate=evaluate if val else None, rollouts_file=rollouts_file, from_file=from_file,
+                     file_temperature=file_temperature,
                      dump_file=out / "rollout_batches.jsonl" if t.dump_rollouts else None, pad_id=dm.pad_id)
     if ckpt:
         check_resume(ckpt, lit)
