@@ -6,7 +6,7 @@ from .checkpoint import CheckpointError, build_model, from_pretrained, read_conf
 from .config import MoEConfig
 from .families.glm4_moe import Glm4MoeConfig, Glm4MoeForCausalLM
 from .families.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
-from .layers import KVCache
+from .cache import StaticCache
 from .logprobs import gather_logprobs, token_logprobs
 from .precision import PrecisionPolicy
 from .registry import FAMILIES, ModelFamily, family_of, get_family, register
@@ -14,8 +14,8 @@ from .routing import RoutingTrace
 from .transformer import MoECausalLM
 
 __all__ = [
-    "FAMILIES", "CheckpointError", "Glm4MoeConfig", "Glm4MoeForCausalLM", "KVCache", "MoEConfig", "MoECausalLM",
-    "ModelFamily", "PrecisionPolicy", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "RoutingTrace", "build_model",
+    "FAMILIES", "CheckpointError", "Glm4MoeConfig", "Glm4MoeForCausalLM", "MoEConfig", "MoECausalLM",
+    "ModelFamily", "PrecisionPolicy", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "RoutingTrace", "StaticCache", "build_model",
     "family_of", "from_pretrained", "gather_logprobs", "get_family", "read_config", "register", "save_pretrained",
     "token_logprobs",
 ]

@@ -1,14 +1,14 @@
-"""The rollout path: batched autoregressive decoding as an inference engine runs it.
+"""The reference rollout: batched autoregressive decoding in the trainer's own shapes.
 
-``generate`` left-pads prompts of different lengths, prefills them, then decodes one token per step with a KV cache
-(``decode="kv"``, what engines do) or by re-running the trainer's full forward each step over the whole fixed-width
-buffer, future slots masked (``decode="recompute"``): every step then computes in exactly the shapes of the trainer's
-forward over the finished sequences, so row-invariant kernels give the trainer's numbers bit for bit. It costs a
-full forward per token; it is the alignment ``rl=on`` can buy beyond the fp32 gate.
-It returns the tokens, the logprob of each sampled token under the model's (temperature-1) distribution as computed
-while decoding, the top-k experts every MoE layer chose at the position that produced each token, and those chosen at
-the prompt's positions (prefill): together the routing an engine reports for R3 replay
-(:meth:`Generation.replay_ids`).
+:func:`generate` left-pads prompts of different lengths and decodes one token per step by re-running the trainer's
+full forward over the whole fixed-width buffer, future slots masked: every step computes in exactly the shapes of the
+trainer's forward over the finished sequences (:func:`recompute`), so its logprobs and experts are the trainer's bit
+for bit, with the standard (cuBLAS, SDPA) kernels. It costs a full forward per token (O(length^2)): it is the oracle
+the fast engine (:mod:`mtrain.models.decoding`) is checked against, not what users run.
+It returns the tokens, the logprob of each sampled token under the model's (temperature-1) distribution, the top-k
+experts every MoE layer chose at the position that produced each token, and those chosen at the prompt's positions:
+together the routing an engine reports for R3 replay (:meth:`Generation.replay_ids`). Tokens are drawn by
+:func:`mtrain.models.ops.sample` with noise keyed by (seed, row, step), as the fast engine draws them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .layers import KVCache
+from . import ops
 from .logprobs import gather_logprobs, token_logprobs
 from .loss import IGNORE_INDEX
 from .routing import RoutingTrace
@@ -88,18 +88,6 @@ def eager():
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = (logits / temperature).softmax(dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-
-
 @torch.no_grad()
 def generate(
     model: MoECausalLM,
@@ -111,19 +99,15 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = 0,
-    decode: str = "kv",
     logits_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Generation:
     """Decode ``max_new_tokens`` (or until every row emitted one of ``eos_ids``) after each prompt.
     ``logits_hook``: applied to each step's fp32 logits [B, V] before sampling and the reported logprob."""
-    if decode not in ("kv", "recompute"):
-        raise ValueError(f"decode={decode!r}: use 'kv' or 'recompute'")
     with eager():
-        return _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, decode,
-                         logits_hook)
+        return _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed or 0, logits_hook)
 
 
-def _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, decode,
+def _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed,
               logits_hook=None) -> Generation:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -131,7 +115,6 @@ def _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_
     B, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens
     ids, real = left_padded(prompts, total, pad_id, device)
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None and temperature > 0 else None
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
     out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
@@ -139,36 +122,23 @@ def _generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_
     prompt_routing = None
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cfg = model.config
-    cache = (
-        KVCache(len(model.model.layers), B, cfg.num_key_value_heads, total, cfg.head_dim_, dtype=model.output_weight.dtype,
-                device=device)
-        if decode == "kv"
-        else None
-    )
-
+    rows = torch.arange(B, device=device)
     end = longest
     for step in range(max_new_tokens):
-        if cache is not None:  # prefill the prompts, then one token a step
-            start = cache.length = end - 1 if step > 0 else 0
-            window, last = ids[:, start:end], -1
-            positions, mask = positions_and_mask(real[:, :end], end - start)
-        else:  # the whole buffer every step, not-yet-generated slots masked out
-            window, last = ids, end - 1
-            positions, mask = positions_and_mask(real, total)
+        positions, mask = positions_and_mask(real, total)  # the whole buffer every step, future slots masked
         trace = RoutingTrace()
-        h = model.hidden_states(window, position_ids=positions, cache=cache, attn_mask=mask, trace=trace)
-        logits = (h[:, last] @ model.output_weight.t()).float()
+        h = model.hidden_states(ids, position_ids=positions, attn_mask=mask, trace=trace)
+        logits = (h[:, end - 1] @ model.output_weight.t()).float()
         if logits_hook is not None:
             logits = logits_hook(logits)
-        token = _sample(logits, temperature, top_p, gen)
+        token = ops.sample(logits, temperature, top_p, ops.noise_keys(seed, rows, torch.full_like(rows, step)))
         token = torch.where(done, torch.full_like(token, pad_id), token)
         out_tokens[:, step] = token
         out_logprobs[:, step] = torch.where(done, 0.0, gather_logprobs(logits, token))
         if trace.ids:  # routing at real tokens only; -1 where a row holds padding (no engine routes those)
             stacked = trace.stacked()
-            out_routing.append(stacked[:, last].masked_fill(done[:, None, None], -1))  # [B, layers, k]
-            if step == 0:  # the prefill: every prompt position (the same values later steps recompute)
+            out_routing.append(stacked[:, end - 1].masked_fill(done[:, None, None], -1))  # [B, layers, k]
+            if step == 0:  # every prompt position (the same values later steps recompute)
                 prompt_routing = stacked[:, : longest - 1].masked_fill(~real[:, : longest - 1, None, None], -1)
         lengths += (~done).long()
         ids[:, end] = token

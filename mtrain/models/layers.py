@@ -1,10 +1,21 @@
-"""Layers shared by both families: RMSNorm, (partial) RoPE, GQA attention with a KV cache, SwiGLU MLP."""
+"""Layers shared by both families: RMSNorm, (partial) RoPE, GQA attention (over a static KV cache when decoding),
+SwiGLU MLP. Matmuls and norms go through :mod:`mtrain.models.ops` (plain torch unless the engine's exact mode asks
+for batch-invariant kernels)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import ops
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose product is :func:`mtrain.models.ops.linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -16,10 +27,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -62,38 +70,20 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((rot, rest), dim=-1).to(dtype) if rest.shape[-1] else rot.to(dtype)
 
 
-class KVCache:
-    """Preallocated per-layer key/value buffers for incremental decoding. ``length`` tokens are filled."""
-
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int, *, dtype, device):
-        shape = (batch, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.length = 0
-        self.max_len = max_len
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, Hkv, S, D] at the current position; return everything filled so far (incl. these)."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
 class Attention(nn.Module):
-    """Grouped-query attention through ``scaled_dot_product_attention`` (flash/efficient kernels on the GPU)."""
+    """Grouped-query attention through ``scaled_dot_product_attention`` (flash/efficient kernels on the GPU), or,
+    given a static cache (:class:`mtrain.models.cache.StaticCache`, the rollout engine's), through the cache: each
+    token's keys/values are written into its row, then each token attends over its row."""
 
     def __init__(self, cfg, layer_idx: int, rope: RotaryEmbedding, qk_norm: bool):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -105,10 +95,11 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache | None = None,
+        cache=None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, S, hidden]. Without ``attn_mask`` attention is causal over this call's tokens (plus the cache)."""
+        """x [B, S, hidden]. Without ``attn_mask`` attention is causal over this call's tokens; with a ``cache`` each
+        token attends over its cache row (``cache.attend``)."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim)
@@ -116,10 +107,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope.apply(q, *cos_sin), self.rope.apply(k, *cos_sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        causal = attn_mask is None and q.shape[2] == k.shape[2]
+            out = cache.attend(self.layer_idx, q.reshape(B * S, self.n_heads, self.head_dim),
+                               k.reshape(B * S, self.n_kv, self.head_dim), v.reshape(B * S, self.n_kv, self.head_dim))
+            return self.o_proj(out.reshape(B, S, -1))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        causal = attn_mask is None
         # causal on CUDA (training, full-sequence scoring): the flash kernel reads the kv heads as they are, and the
         # backward keeps them unexpanded. Elsewhere expand them here: every SDPA backend takes that.
         gqa = self.n_kv != self.n_heads and causal and x.is_cuda
@@ -127,16 +120,8 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        if attn_mask is None and not causal:  # a chunk appended after cached tokens: causal within, full to the past
-            attn_mask = causal_mask(q.shape[2], k.shape[2], x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
-
-
-def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Boolean [q_len, kv_len] mask: query i (at absolute position kv_len - q_len + i) sees keys <= its position."""
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    return torch.arange(kv_len, device=device)[None, :] <= q_pos
 
 
 class SwiGLU(nn.Module):
@@ -144,9 +129,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

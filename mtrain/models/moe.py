@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .grouped import routed_experts
 from .layers import SwiGLU
 from .routing import RoutingTrace
@@ -72,8 +73,10 @@ class Router(nn.Module):
         """x [T, hidden] -> logits [T, E]: fp32 under the fp32 policy, else the model dtype."""
         if self.fp32:
             with torch.autocast(x.device.type, enabled=False):
+                if ops.invariant_active():  # inference only: the batch-invariant fp32 product
+                    return ops.linear(x.float(), self.weight.float())
                 return _Fp32Gate.apply(x, self.weight)
-        return F.linear(x, self.weight.to(x.dtype))
+        return ops.linear(x, self.weight.to(x.dtype))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None):
         """x [T, hidden] -> (weights fp32 [T, k], expert indices int64 [T, k], fp32 logits [T, E], own).
@@ -108,11 +111,11 @@ class SoftmaxTopKRouter(Router):
     def route(self, logits, idx=None):
         probs = logits.softmax(dim=-1)
         if idx is None:
-            weights, idx = probs.topk(self.top_k, dim=-1)
+            weights, idx = ops.topk(probs, self.top_k)
         else:
             weights = probs.gather(1, idx)
         if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights / ops.slot_sum(weights)
         return weights, idx
 
 
@@ -139,7 +142,7 @@ class SigmoidGroupRouter(Router):
             idx = self.choose(scores)
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / (ops.slot_sum(weights) + 1e-20)
         return weights * self.scaling, idx
 
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
@@ -148,11 +151,11 @@ class SigmoidGroupRouter(Router):
         if self.topk_group < self.n_group:
             T = choice.shape[0]
             grouped = choice.view(T, self.n_group, -1)
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            group_scores = ops.slot_sum(ops.topk(grouped, 2)[0]).squeeze(-1)
+            keep = ops.topk(group_scores, self.topk_group, sorted=False)[1]
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(T, -1)
-        return choice.topk(self.top_k, dim=-1, sorted=False).indices
+        return ops.topk(choice, self.top_k, sorted=False)[1]
 
 
 class Experts(nn.Module):
@@ -171,6 +174,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], the router's weights and expert ids [T, k] -> the weighted sum of each token's experts."""
+        if ops.invariant_active():
+            return ops.experts_invariant(x, weights, idx, self.gate_up_proj, self.down_proj)
         return routed_experts(x, weights, idx, self.gate_up_proj, self.down_proj, self.backend)
 
 

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import ops
 from .config import MoEConfig
-from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
+from .layers import Attention, RMSNorm, RotaryEmbedding
 from .loss import linear_cross_entropy
 from .moe import Router
 from .precision import PrecisionPolicy
@@ -94,16 +95,16 @@ class MoECausalLM(nn.Module):
         input_ids: torch.Tensor,
         *,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache=None,
         attn_mask: torch.Tensor | None = None,
         trace: RoutingTrace | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, S, hidden]. ``trace`` records or replays each MoE layer's experts (also
-        through activation checkpointing). ``attn_mask`` (bool, broadcastable to [B, 1, S, S_total]) replaces the
-        causal mask; ``cache`` appends this call's keys/values after the cached ones."""
+        through activation checkpointing). ``attn_mask`` (bool, broadcastable to [B, 1, S, S]) replaces the causal
+        mask; ``cache`` (a :class:`~mtrain.models.cache.StaticCache` bound to each token's slot and position) makes
+        each token attend over its cache row instead."""
         if position_ids is None:
-            start = cache.length if cache is not None else 0
-            position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         cos_sin = self.rope(position_ids)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
@@ -111,14 +112,12 @@ class MoECausalLM(nn.Module):
                 x = checkpoint(layer, x, cos_sin, cache, attn_mask, trace, use_reentrant=False)
             else:
                 x = layer(x, cos_sin, cache, attn_mask, trace)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """input_ids [B, S] -> logits [B, S, V] in the model dtype. Keyword arguments as :meth:`hidden_states`."""
         h = self.hidden_states(input_ids, **kwargs)
-        return h @ self.output_weight.t()
+        return ops.linear(h, self.output_weight)
 
     def loss(
         self, input_ids: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 2048, trace: RoutingTrace | None = None
