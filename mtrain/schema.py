@@ -161,7 +161,9 @@ class MismatchTaskConfig(TaskConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    rollout_decode: str = "auto"  # auto (recompute under rl=on, else kv) | kv | recompute
+    engine: str = "auto"  # the rollout engine: auto (= fast) | fast | recompute (the reference: a full forward a token)
+    exact: Optional[bool] = None  # the fast engine on batch-invariant kernels (its logprobs and experts equal the
+    # trainer's recompute bit for bit); null: on under rl=on
     trainer_gate_fp32: bool = True  # the trainer profile's gate (Megatron: fp32)
     trainer_rope_fp32: Optional[bool] = None  # null: the run's decision (model.rope_fp32)
     device: str = "auto"  # auto | cpu | cuda
@@ -226,7 +228,10 @@ class GRPOTaskConfig(OptimTaskConfig):
     group_size: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
-    rollout_decode: str = "auto"  # auto (recompute under rl=on, kv otherwise) | kv | recompute
+    engine: str = "auto"  # the rollout engine: auto (= fast; file with rollouts_path) | fast | recompute (the
+    # reference: the trainer's full forward per token, O(length^2)) | file
+    exact: Optional[bool] = None  # the fast engine on batch-invariant kernels (its logprobs and experts equal the
+    # trainer's recompute bit for bit); null: on under rl=on
     rollout_dtype: Optional[str] = None  # the engine's dtype; null = model.dtype
     # updates
     ppo_epochs: int = 1

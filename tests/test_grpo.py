@@ -62,11 +62,11 @@ def test_rl_on_rollout_equals_trainer_after_updates_and_rl_off_does_not(tmp_path
 
 def test_weight_handover_keeps_an_fp32_gate_and_refuses_a_downcast():
     from mtrain.models import Glm4MoeConfig, PrecisionPolicy, build_model
-    from mtrain.rl.rollout import RolloutEngine
+    from mtrain.rl.engines import FastEngine
 
     policy = PrecisionPolicy(gate_fp32=True, rope_fp32=True)
     trainer = build_model(Glm4MoeConfig(), dtype="bfloat16", policy=policy)
-    engine = RolloutEngine.like(trainer, policy, None, "recompute")
+    engine = FastEngine(copy_of=trainer, policy=policy)
     with torch.no_grad():
         trainer.routers()[0][1].weight.add_(1e-3)  # an update the bf16 grid cannot hold
     engine.sync(trainer)

@@ -499,7 +499,7 @@ def test_rope_fp32_rotates_in_fp32_and_changes_the_bf16_model():
 def test_every_weight_hand_over_keeps_the_fp32_gate(family, tmp_path):
     """Under rl=on the gate stays fp32 through the bf16 export of fp32 master weights (what trainer=fsdp and
     bf16-mixed do), a bf16 model's export, and the rollout engine's weight sync (FastDeploy #7393's bug class)."""
-    from mtrain.rl.rollout import RolloutEngine
+    from mtrain.rl.engines import FastEngine
 
     cfg = (Glm4MoeConfig if family == "glm4_moe" else Qwen3MoeConfig)()
     policy = PrecisionPolicy(True)
@@ -516,7 +516,7 @@ def test_every_weight_hand_over_keeps_the_fp32_gate(family, tmp_path):
         assert from_pretrained(tmp_path / name, policy=policy, gate_mismatch="error").gate_dtype() == torch.float32
 
     trainer = build_model(cfg, seed=0, policy=policy)
-    engine = RolloutEngine.like(trainer, policy, torch.bfloat16, "kv")
+    engine = FastEngine(copy_of=trainer, policy=policy, dtype=torch.bfloat16)
     with torch.no_grad():
         trainer.model.layers[1].mlp.gate.weight.add_(1e-3)  # an update, then the hand-over
     engine.sync(trainer)

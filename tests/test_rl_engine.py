@@ -20,7 +20,8 @@ from mtrain.models import Glm4MoeConfig, Qwen3MoeConfig, RoutingTrace, build_mod
 from mtrain.models.generate import generate, recompute
 from mtrain.rl.grpo import MismatchSettings, StepBatch, minibatch_loss, old_policy, LossSettings
 from mtrain.rl.mismatch import trainer_recompute
-from mtrain.rl.rollout import MismatchInjection, RolloutEngine, SamplingConfig
+from mtrain.models.decoding import Decoder
+from mtrain.rl.engines import MismatchInjection, RecomputeEngine, RolloutRequest, SamplingConfig
 
 SHAPES = {
     "qwen3_moe": Qwen3MoeConfig(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2),
@@ -40,20 +41,24 @@ def decisive(family, seed=0):
 
 # -- the rollout's routing, position by position -----------------------------------------------------------------
 @pytest.mark.parametrize("family", list(SHAPES))
-@pytest.mark.parametrize("decode", ["recompute", "kv"])
-def test_replaying_the_rollouts_buffer_routing_reproduces_the_trainer(family, decode):
+@pytest.mark.parametrize("engine", ["recompute", "fast", "fast-exact"])
+def test_replaying_the_rollouts_buffer_routing_reproduces_the_trainer(family, engine):
     """The rollout recorded routing at every prompt and producing position; replayed over the trainer's buffer it
     gives the trainer's own logprobs (a shifted or misplaced id would change them: the routers are decisive)."""
     model = decisive(family)
-    gen = generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, seed=1, decode=decode)
-    free, _ = trainer_recompute(model, gen)
-    trace = RoutingTrace.replay(gen.replay_ids(model.moe_layers))
-    replayed, own = trainer_recompute(model, gen, trace=trace)
-    if decode == "recompute":
-        assert torch.equal(free, replayed)
+    if engine == "recompute":
+        gen = generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, seed=1)
     else:
+        gen = Decoder(model, exact=engine == "fast-exact").generate(PROMPTS, max_new_tokens=6, temperature=1.0, seed=1)
+    scoring = "invariant" if engine == "fast-exact" else "standard"
+    free, _ = trainer_recompute(model, gen, scoring=scoring)
+    trace = RoutingTrace.replay(gen.replay_ids(model.moe_layers))
+    replayed, own = trainer_recompute(model, gen, trace=trace, scoring=scoring)
+    if engine == "fast":
         torch.testing.assert_close(free, replayed, rtol=0, atol=1e-5)
-    assert torch.equal(own, gen.routing) or decode == "kv"
+    else:
+        assert torch.equal(free, replayed) and torch.equal(free, gen.logprobs)
+        assert torch.equal(own.masked_fill(~gen.mask[..., None, None], -1), gen.routing)
     shifted = {k: v.roll(1, dims=1) for k, v in gen.replay_ids(model.moe_layers).items()}
     wrong, _ = trainer_recompute(model, gen, trace=RoutingTrace.replay(shifted))
     assert (wrong - free).abs().max() > 1e-3
@@ -62,8 +67,8 @@ def test_replaying_the_rollouts_buffer_routing_reproduces_the_trainer(family, de
 @pytest.mark.parametrize("family", list(SHAPES))
 def test_r3_under_injected_router_noise_trains_on_the_rollouts_experts_and_the_gate_learns(family):
     model = decisive(family)
-    engine = RolloutEngine.like(model, model.policy, None, "recompute", inject=MismatchInjection(router_noise=0.3))
-    gen, _ = engine.generate(PROMPTS * 4, SamplingConfig(6), seed=2)
+    engine = RecomputeEngine(copy_of=model, inject=MismatchInjection(router_noise=0.3))
+    gen = engine.generate(RolloutRequest(PROMPTS * 4, SamplingConfig(6), seed=2)).gen
     plain = old_policy(model, gen, 0, MismatchSettings())
     r3 = old_policy(model, gen, 0, MismatchSettings(routing_replay="r3"))
     valid = gen.mask

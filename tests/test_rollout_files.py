@@ -282,4 +282,5 @@ def test_the_trainer_takes_its_logprobs_at_the_files_temperature(tmp_path):
 
 
 def test_mtrains_own_dump_declares_itself():
-    assert header_line(0.7) == {"rollout_format": "mtrain", "logprob_temperature": 0.7}
+    assert header_line(0.7, "invariant") == {"rollout_format": "mtrain", "logprob_temperature": 0.7,
+                                             "scoring": "invariant"}

@@ -97,12 +97,14 @@ SCALED_BY_DEFAULT = {"sglang": "SGLang scales logprobs by the sampling temperatu
 
 @dataclass(frozen=True)
 class DeclaredLayout:
-    """A file's layout: a format name (or ``custom``) resolved to its :class:`RoutingLayout`, and the temperature its
-    logprobs were taken at."""
+    """A file's layout: a format name (or ``custom``) resolved to its :class:`RoutingLayout`, the temperature its
+    logprobs were taken at, and (mtrain's own files) the path that computed them: ``invariant`` when mtrain's exact
+    engine wrote them (the trainer then recomputes through that path), else ``standard``."""
 
     name: str
     layout: RoutingLayout
     temperature: float = 1.0
+    scoring: str = "standard"
 
 
 def resolve_layout(name: Optional[str], overrides: Optional[Mapping[str, Any]] = None) -> RoutingLayout:

@@ -93,9 +93,10 @@ def read_rollout_file(path: str | Path, shape: ModelShape, settings: FileSetting
     return rows, declared
 
 
-def header_line(temperature: float = 1.0) -> dict:
-    """The first line of a rollout file mtrain writes: its format and its logprobs' temperature."""
-    return {HEADER: "mtrain", "logprob_temperature": temperature}
+def header_line(temperature: float = 1.0, scoring: str = "standard") -> dict:
+    """The first line of a rollout file mtrain writes: its format, its logprobs' temperature, and the path that
+    computed them (``invariant``: the exact engine's)."""
+    return {HEADER: "mtrain", "logprob_temperature": temperature, "scoring": scoring}
 
 
 def declare(header: Optional[tuple[str, dict]], settings: FileSettings, path: str) -> Optional[DeclaredLayout]:
@@ -121,9 +122,13 @@ def declare(header: Optional[tuple[str, dict]], settings: FileSettings, path: st
     if not isinstance(layout, dict):
         raise DataError(f"{where}: \"layout\" must be an object of routing layout fields. Fix: e.g. "
                         '{"layers": "moe"}.')
+    scoring = h.get("scoring", "standard")
+    if scoring not in ("standard", "invariant"):
+        raise DataError(f"{where}: \"scoring\" = {scoring!r} is not standard or invariant. Fix: leave it out (mtrain "
+                        "writes it).")
     try:
         return DeclaredLayout(fmt, resolve_layout(fmt, {**layout, **(settings.layout or {})}),
-                              _temperature(where, temp))
+                              _temperature(where, temp), scoring)
     except ValueError as e:
         raise DataError(f"{where}: {e}. Fix: declare one of the engines' formats or a complete custom layout.") from None
 

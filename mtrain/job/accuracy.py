@@ -11,8 +11,8 @@ from omegaconf import DictConfig
 
 from mtrain.data import MTrainDataModule
 from mtrain.models import MoECausalLM
-from mtrain.models.generate import eager, generate
-from mtrain.parallel import root_unsharded
+from mtrain.models.decoding import Decoder
+from mtrain.parallel import is_sharded, root_unsharded
 
 log = logging.getLogger("mtrain")
 
@@ -37,9 +37,12 @@ def greedy_accuracy(
     batch_size: int = 256,
     max_new_tokens: Optional[int] = None,
     keep: int = 3,
+    engine=None,
 ) -> Dict[str, Any]:
-    """Greedy-decode an answer for every ``{"prompt", "response"}`` example (prompts batched, left-padded, stopping
-    at eos) and score it with ``dm.check_answer`` (synthetic: recomputes the answer; else stripped exact match).
+    """Greedy-decode an answer for every ``{"prompt", "response"}`` example (prompts batched, stopping at eos) and
+    score it with ``dm.check_answer`` (synthetic: recomputes the answer; else stripped exact match). Decoding goes
+    through ``engine`` (a :class:`mtrain.rl.engines.RolloutEngine` holding the model's weights, e.g. GRPO's) or, by
+    default, the fast decoder over ``model`` itself (CUDA graphs on a GPU, eager when sharded).
 
     ``max_new_tokens`` defaults to the longest reference answer + 2 (a longer output cannot be an exact match).
     Returns ``{"accuracy", "n", "seconds", "samples": the first ``keep`` right and ``keep`` wrong answers}``.
@@ -57,12 +60,11 @@ def greedy_accuracy(
     t0 = time.perf_counter()
     correct, samples = 0, []
     try:
-        with eager(), root_unsharded(model):  # sharded (trainer=fsdp): every rank decodes the same prompts
+        with root_unsharded(model):  # sharded (trainer=fsdp): every rank decodes the same prompts
+            decode = _decode_with(engine, model, dm, max_new_tokens)
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start : start + batch_size]
-                prompts = [dm.encode_prompt(e["prompt"]) for e in chunk]
-                gen = generate(model, prompts, max_new_tokens=max_new_tokens, eos_ids=[dm.eos_id], pad_id=dm.pad_id,
-                               temperature=0.0)
+                gen = decode([dm.encode_prompt(e["prompt"]) for e in chunk])
                 for j, e in enumerate(chunk):
                     text = dm.decode(gen.tokens[j, : int(gen.lengths[j])].tolist())
                     ok = dm.check_answer(e, text)
@@ -73,3 +75,15 @@ def greedy_accuracy(
         model.train(was_training)
     return {"accuracy": correct / len(examples), "n": len(examples), "seconds": time.perf_counter() - t0,
             "samples": samples}
+
+
+def _decode_with(engine, model: MoECausalLM, dm: MTrainDataModule, max_new_tokens: int):
+    """prompts -> greedy Generation, through ``engine`` or a decoder over ``model``."""
+    if engine is not None:
+        from mtrain.rl.engines import RolloutRequest, SamplingConfig
+
+        sampling = SamplingConfig(max_new_tokens, temperature=0.0)
+        return lambda prompts: engine.generate(RolloutRequest(prompts, sampling)).gen
+    decoder = Decoder(model, graphs=False if is_sharded(model) else None)
+    eos = [dm.eos_id] if dm.eos_id is not None else []
+    return lambda prompts: decoder.generate(prompts, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=dm.pad_id)

@@ -12,8 +12,9 @@ train tokens/s, seconds of each phase, the train/rollout mismatch of the batch (
 disagreement of the trained tokens and of the routers' own choice) and the correction's stats (IS weights, masked and
 truncated fractions, ESS).
 
-The rollouts come from the embedded engine or, with ``from_file``, from an external engine's rollout file
-(``prompts_per_step x group_size`` lines a step; no engine is built, no hand-over happens).
+The rollouts come from a rollout engine (:mod:`mtrain.rl.engines`: the fast engine, the recompute reference, or an
+external engine's rollout file); the trainer's old-logprob recompute uses the path the engine names
+(``engine.scoring``), so an exact engine is compared with its own numbers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from mtrain.data.rollouts import RolloutRow, generation_of, header_line, rollout_lines
+from mtrain.data.rollouts import header_line, rollout_lines
 from mtrain.lit.module import WarmupCosine, on_host, param_groups
 from mtrain.models import MoECausalLM
 from mtrain.models.generate import recompute
@@ -36,7 +37,7 @@ from mtrain.rl.grpo import (
     LossSettings, MismatchSettings, StepBatch, advantages_of, correct, minibatch_loss, minibatches, mismatch_stats,
     old_policy,
 )
-from mtrain.rl.rollout import RolloutEngine, SamplingConfig
+from mtrain.rl.engines import RolloutEngine, RolloutRequest, SamplingConfig
 
 # (prompts, responses, examples) -> rewards; and the exact-match flags of the same responses
 Scorer = Callable[[Sequence[str], Sequence[str], Sequence[dict]], tuple[list[float], list[Optional[bool]]]]
@@ -82,7 +83,7 @@ class GRPOModule(L.LightningModule):
     def __init__(
         self,
         model: MoECausalLM,
-        engine: Optional[RolloutEngine],
+        engine: RolloutEngine,
         prompts: list[list[int]],
         examples: list[dict],
         decode: Callable[[list[int]], str],
@@ -92,8 +93,6 @@ class GRPOModule(L.LightningModule):
         ref_model: Optional[MoECausalLM] = None,
         evaluate: Optional[Callable[[MoECausalLM], float]] = None,
         rollouts_file: Optional[Path] = None,
-        from_file: Optional[Sequence[RolloutRow]] = None,
-        file_temperature: float = 1.0,
         dump_file: Optional[Path] = None,
         pad_id: int = 0,
     ):
@@ -104,14 +103,12 @@ class GRPOModule(L.LightningModule):
         self.s = settings
         self.evaluate = evaluate
         self.rollouts_file = rollouts_file
-        self.from_file, self.dump_file = from_file, dump_file  # rollouts read from / every batch written to a file
-        self.file_temperature = file_temperature  # the file's logprobs were taken at this temperature
-        self.pad_id = engine.pad_id if engine is not None else pad_id
-        if engine is None and from_file is None:
-            raise ValueError("GRPOModule needs a rollout engine or rollouts read from a file")
+        self.dump_file = dump_file  # every step's batch written to a rollout file
+        self.pad_id = pad_id
         self.history: list[dict] = []  # one dict of metrics per RL step (this run's steps)
         self.evals: list[tuple[int, float]] = []  # (RL step, held-out accuracy)
         self.seconds = {"rollout": 0.0, "old_logprobs": 0.0, "update": 0.0, "eval": 0.0}
+        self.decode_steps = 0
         if ref_model is not None:
             for p in ref_model.parameters():
                 p.requires_grad_(False)
@@ -136,8 +133,7 @@ class GRPOModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.model.policy.check(self.model)
-        if self.engine is not None:
-            self.engine.sync(self.model)  # a resumed run's weights reach the engine before its first rollout
+        self._hand_over()  # a resumed run's weights reach the engine before its first rollout
         if self.evaluate is not None and not self.evals:
             self._evaluate()
 
@@ -160,20 +156,18 @@ class GRPOModule(L.LightningModule):
         return out
 
     def sample(self, step: int) -> tuple:
-        """The rollout of RL step ``step``: (generation, examples, engine rewards or None, seconds). From the
-        engine, or the step's lines of a rollout file (``prompts_per_step x group_size`` lines a step)."""
+        """The rollout of RL step ``step`` from the engine: (generation, examples, engine rewards or None,
+        seconds)."""
         s, G = self.s, self.s.group_size
-        if self.from_file is not None:
-            n = s.prompts_per_step * G
-            rows = self.from_file[step * n : (step + 1) * n]
-            gen = generation_of(rows, s.sampling.max_new_tokens, self.pad_id, self.device, self.file_temperature)
-            rewards = [r.reward for r in rows]
-            return gen, [r.example for r in rows], None if None in rewards else rewards, 0.0
         rows = self.step_prompts(step)
         prompts = [self.prompts[i] for i in rows for _ in range(G)]
         examples = [self.examples[i] for i in rows for _ in range(G)]
-        gen, rollout_s = self.engine.generate(prompts, s.sampling, seed=s.seed * 1_000_003 + step)
-        return gen, examples, None, rollout_s
+        out = self.engine.generate(RolloutRequest(prompts, s.sampling, seed=s.seed * 1_000_003 + step, step=step))
+        self.decode_steps += out.decode_steps
+        return out.gen, out.examples or examples, out.rewards, out.seconds
+
+    def _hand_over(self) -> None:
+        self.engine.update_weights(list(self.model.named_parameters()) + list(self.model.named_buffers()))
 
     def rollout(self, step: int) -> tuple[StepBatch, dict, list[dict]]:
         """Sample, score and prepare the batch of RL step ``step`` (no parameter changes)."""
@@ -188,7 +182,7 @@ class GRPOModule(L.LightningModule):
         advantages, zero_std = advantages_of(rewards, G, s.advantage, s.norm_adv_by_std)
         if self.dump_file is not None and self.trainer.is_global_zero:
             if not self.dump_file.exists():
-                self.dump_file.write_text(json.dumps(header_line(gen.temperature)) + "\n")
+                self.dump_file.write_text(json.dumps(header_line(gen.temperature, self.engine.scoring)) + "\n")
             with self.dump_file.open("a") as f:
                 for line in rollout_lines(gen, rewards_list, examples):
                     f.write(json.dumps(line) + "\n")
@@ -196,7 +190,7 @@ class GRPOModule(L.LightningModule):
         t0 = self._now()
         was_training = self.model.training
         self.model.eval()
-        old = old_policy(self.model, gen, self.pad_id, s.mismatch)
+        old = old_policy(self.model, gen, self.pad_id, s.mismatch, self.engine.scoring)
         ref_lp = None
         if self.ref_model is not None:  # logprobs only: no routing trace, the fast projection
             with torch.no_grad():
@@ -257,8 +251,7 @@ class GRPOModule(L.LightningModule):
         updates = s.updates_per_step
         update_s = self._now() - t0
         self.seconds["update"] += update_s
-        if self.engine is not None:
-            self.engine.sync(self.model)  # the weight hand-over
+        self._hand_over()  # the weight hand-over
 
         width = batch.gen.width
         metrics |= {(k if k.startswith("correction/") else f"train/{k}"): v / updates for k, v in stats_sum.items()}

@@ -109,17 +109,17 @@ def advantages_of(rewards: torch.Tensor, group_size: int, mode: str, norm_std: b
 
 
 @torch.no_grad()
-def old_policy(model: MoECausalLM, gen: Generation, pad_id: int, settings: MismatchSettings = MismatchSettings()
-               ) -> OldPolicy:
+def old_policy(model: MoECausalLM, gen: Generation, pad_id: int, settings: MismatchSettings = MismatchSettings(),
+               scoring: str = "standard") -> OldPolicy:
     """The old policy of a step. ``decoupled``: the trainer's logprobs [B, N] of the rollout's tokens (one eager
-    full forward in the rollout's layout; under r3 replaying the rollout's experts) and its routing. ``bypass``: the
-    engine's logprobs, no forward."""
+    full forward in the rollout's layout, or through the exact engine's path with ``scoring="invariant"``; under r3
+    replaying the rollout's experts) and its routing. ``bypass``: the engine's logprobs, no forward."""
     layers = model.moe_layers
     rollout_ids = gen.replay_ids(layers) if settings.routing_replay == "r3" and layers else None
     if settings.bypass:
         return OldPolicy(gen.logprobs, None, None, rollout_ids)
     trace = RoutingTrace.replay(rollout_ids) if rollout_ids is not None else RoutingTrace()
-    logprobs, own = trainer_recompute(model, gen, pad_id, trace)
+    logprobs, own = trainer_recompute(model, gen, pad_id, trace, scoring)
     producing = slice(gen.first - 1, gen.first - 1 + gen.tokens.shape[1])
     used = trace.stacked()[:, producing] if trace.ids else own
     replay = dict(trace.ids) if settings.routing_replay != "off" and layers else None

@@ -13,20 +13,26 @@ import math
 
 import torch
 
+from mtrain.models.decoding import score
 from mtrain.models.generate import Generation, eager, recompute
 from mtrain.models.routing import RoutingTrace
 from mtrain.models.transformer import MoECausalLM
 
 
 @torch.no_grad()
-def trainer_recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0,
-                      trace: RoutingTrace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def trainer_recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0, trace: RoutingTrace | None = None,
+                      scoring: str = "standard") -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's numbers for a rollout: the logprob [B, N] of every generated token (one full forward in the
     rollout's layout) and the routing [B, N, moe_layers, k] at the position that produced each token: the experts
-    the routers chose (under a replay ``trace``: the experts they *would* have chosen, ``trace.own``)."""
+    the routers chose (under a replay ``trace``: the experts they *would* have chosen, ``trace.own``).
+    ``scoring``: ``standard`` (the trainer's forward, :func:`recompute`) or ``invariant`` (one prefill through the
+    exact engine's path, :func:`mtrain.models.decoding.score`: what an exact engine is compared with)."""
     trace = trace if trace is not None else RoutingTrace()
-    with eager():
-        logprobs = recompute(model, gen, pad_id, trace=trace)
+    if scoring == "invariant":
+        logprobs = score(model, gen, trace=trace)
+    else:
+        with eager():
+            logprobs = recompute(model, gen, pad_id, trace=trace)
     if not trace.ids:
         return logprobs, gen.routing.new_zeros(*logprobs.shape, 0, 0)
     producing = slice(gen.first - 1, gen.first - 1 + gen.tokens.shape[1])

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from mtrain.config import ConfigError
 from mtrain.data.errors import DataError
 from mtrain.data.prompts import read_prompt_jsonl
-from mtrain.data.rollout_formats import FORMATS
+from mtrain.data.rollout_formats import FORMATS, DeclaredLayout
 from mtrain.data.rollouts import FileSettings, ModelShape, RolloutRow, check_groups, read_rollout_file
 from mtrain.data.rewards import exact_match, resolve_reward, score
 from mtrain.job import Job, Setup, export_hf, finish, greedy_accuracy, start_job
@@ -31,17 +31,17 @@ from mtrain.models import MoECausalLM
 from mtrain.plots import figure
 from mtrain.rl import ADVANTAGE_MODES, KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_KINDS, CorrectionConfig
 from mtrain.rl.grpo import REPLAY_MODES, LossSettings, MismatchSettings
-from mtrain.rl.rollout import MismatchInjection, RolloutEngine, SamplingConfig
+from mtrain.rl.engines import FastEngine, FileEngine, MismatchInjection, RolloutEngine, SamplingConfig, build_engine
+from mtrain.rl.engines.base import choose_engine
 
 log = logging.getLogger("mtrain")
-DECODES = ("auto", "kv", "recompute")
 
 
 def check_config(job: Job) -> None:
     """Refuse settings that cannot work, before anything is built or written."""
     t, cfg = job.cfg.task, job.cfg
     choices = {"advantage": ADVANTAGE_MODES, "loss": POLICY_LOSS_KINDS, "loss_agg": LOSS_AGG_MODES,
-               "kl_estimator": KL_KINDS, "rollout_decode": DECODES, "routing_replay": REPLAY_MODES}
+               "kl_estimator": KL_KINDS, "routing_replay": REPLAY_MODES}
     for key, allowed in choices.items():
         if t[key] not in allowed:
             raise ConfigError(f"task.{key}={t[key]!r} is not one of {', '.join(allowed)}")
@@ -70,10 +70,20 @@ def check_config(job: Job) -> None:
         raise ConfigError(f"task.rollout_format={t.rollout_format!r} is not one of {', '.join([*FORMATS, 'custom'])} "
                           "(the engine that wrote task.rollouts_path; docs/rollout-files.md)")
     mismatch_settings(t)
+    engine_choice(job)
     inj = injection(t, cfg.seed)
     if t.rollouts_path and inj is not None:
         raise ConfigError("task.inject_mismatch perturbs the embedded rollout engine; with task.rollouts_path the "
                           "rollouts come from a file. Drop one of them")
+
+
+def engine_choice(job: Job) -> tuple[str, bool]:
+    """(engine name, exact) from ``task.engine``, ``task.exact``, ``task.rollouts_path`` and the RL decision."""
+    t = job.cfg.task
+    try:
+        return choose_engine(t.engine, t.exact, job.plan.rl, bool(t.rollouts_path))
+    except ValueError as e:
+        raise ConfigError(f"task.engine / task.exact: {e}") from None
 
 
 def mismatch_settings(t) -> MismatchSettings:
@@ -94,9 +104,9 @@ def injection(t, seed: int) -> MismatchInjection | None:
     return inj if inj.active else None
 
 
-def file_rollouts(job: Job, model: MoECausalLM) -> tuple[list[RolloutRow], float]:
+def file_rollouts(job: Job, model: MoECausalLM) -> tuple[list[RolloutRow], DeclaredLayout | None]:
     """``task.rollouts_path``, checked against the model, the declared layout, the group size, the replay mode and
-    the step count; and the temperature its logprobs were taken at."""
+    the step count; and the file's declaration (temperature, scoring)."""
     t, cfg = job.cfg.task, job.cfg
     c = model.config
     moe = tuple(model.moe_layers)
@@ -116,7 +126,7 @@ def file_rollouts(job: Job, model: MoECausalLM) -> tuple[list[RolloutRow], float
         raise ConfigError(f"task.rollouts_path holds {len(rows)} responses = {len(rows) // per_step} steps of "
                           f"{t.prompts_per_step} prompts x {t.group_size}; trainer.max_steps={cfg.trainer.max_steps} "
                           f"asks for more. Lower trainer.max_steps (or task.prompts_per_step)")
-    return rows, declared.temperature if declared is not None else 1.0
+    return rows, declared
 
 
 def reward_function(task) -> Callable:
@@ -217,7 +227,7 @@ def run(job: Job) -> dict[str, Any]:
                               f"max_new_tokens={max_new} it exceeds the model's context of {limit}; shorten it or "
                               "lower task.max_new_tokens")
 
-    from_file, file_temperature = file_rollouts(job, model) if t.rollouts_path else (None, 1.0)
+    from_file, declared = file_rollouts(job, model) if t.rollouts_path else (None, None)
     if from_file is not None:
         max_new = max(max_new, max(len(r.response_ids) for r in from_file))
 
@@ -236,19 +246,29 @@ def run(job: Job) -> dict[str, Any]:
     if t.compile and s.cuda:
         model.compile_layers()
 
-    decode = t.rollout_decode if t.rollout_decode != "auto" else ("recompute" if plan.rl else "kv")
-    engine = None if from_file is not None else RolloutEngine.like(
-        model, plan.policy, t.rollout_dtype, decode, eos_ids=[dm.eos_id] if dm.eos_id is not None else [],
-        pad_id=dm.pad_id, inject=injection(t, cfg.seed))
-    ref = None
-    if t.kl_coef > 0:
-        ref = RolloutEngine.like(model, plan.policy, None, "kv").model  # a frozen copy of the policy at RL start
+    eos = [dm.eos_id] if dm.eos_id is not None else []
+    name, exact = engine_choice(job)
+    if name == "file":
+        engine: RolloutEngine = FileEngine(
+            rows=from_file, per_step=t.prompts_per_step * t.group_size, max_new_tokens=max_new, pad_id=dm.pad_id,
+            device=s.device, temperature=declared.temperature if declared else 1.0,
+            scoring=declared.scoring if declared else "standard")
+    else:
+        engine = build_engine(name, copy_of=model, policy=plan.policy, dtype=t.rollout_dtype, eos_ids=eos,
+                              pad_id=dm.pad_id, inject=injection(t, cfg.seed), **({"exact": exact} if name == "fast"
+                                                                                    else {}))
+    log.info("rollout engine: %s", engine.describe())
+    # the held-out greedy eval decodes with the fast engine: the rollout engine when it is one (it holds the
+    # weights of the last hand-over), else a fast engine over the policy itself
+    eval_engine = engine if isinstance(engine, FastEngine) else FastEngine(model=model, eos_ids=eos, pad_id=dm.pad_id)
+    ref = frozen_copy(model, plan) if t.kl_coef > 0 else None  # the policy at RL start
     val = [{"prompt": e["prompt"], "response": str(e["answer"])} for e in val_prompts if "answer" in e]
     val = val[: t.max_accuracy_examples]
 
     def evaluate(m: MoECausalLM) -> float:
         return greedy_accuracy(m, dm, val, device=s.device, batch_size=t.gen_batch_size,
-                               max_new_tokens=t.max_new_tokens)["accuracy"] if val else float("nan")
+                               max_new_tokens=t.max_new_tokens, engine=eval_engine)["accuracy"] \
+            if val else float("nan")
 
     settings = GRPOSettings(
         prompts_per_step=t.prompts_per_step, group_size=t.group_size,
@@ -262,8 +282,7 @@ def run(job: Job) -> dict[str, Any]:
     )
     rollouts_file = out / "rollouts.jsonl"
     lit = GRPOModule(model, engine, encoded, train_prompts, dm.decode, make_scorer(reward_fn), settings, ref_model=ref,
-                     evaluate=evaluate if val else None, rollouts_file=rollouts_file, from_file=from_file,
-                     file_temperature=file_temperature,
+                     evaluate=evaluate if val else None, rollouts_file=rollouts_file,
                      dump_file=out / "rollout_batches.jsonl" if t.dump_rollouts else None, pad_id=dm.pad_id)
     if ckpt:
         check_resume(ckpt, lit)
@@ -278,16 +297,32 @@ def run(job: Job) -> dict[str, Any]:
     trainer.fit(lit, ckpt_path=ckpt, weights_only=True)
     seconds["fit"] = time.perf_counter() - t_fit
     seconds |= lit.seconds
+    engine.close()
+    metrics["engine"] = engine.describe()
+    metrics["time_share"] = {k: round(lit.seconds[k] / seconds["fit"], 4) if seconds["fit"] > 0 else None
+                             for k in ("rollout", "old_logprobs", "update", "eval")}
 
     metrics |= summarize(lit, trainer.global_step // updates)
     metrics["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     files = {"run_dir": str(out), "metrics": str(out / "metrics.json"), "rollouts": str(rollouts_file),
              **({"rollout_batches": str(out / "rollout_batches.jsonl")} if t.dump_rollouts else {}),
              "csv_log": str(Path(trainer.loggers[0].log_dir) / "metrics.csv"), "checkpoints": str(out / "checkpoints")}
-    files |= plot_curves(lit, out, f"grpo {cfg.model.name}, rl={'on' if plan.rl else 'off'}, decode={decode}")
+    files |= plot_curves(lit, out, f"grpo {cfg.model.name}, rl={'on' if plan.rl else 'off'}, {engine.describe()}")
     if t.export and trainer.is_global_zero:
         files["hf_model"] = str(export_hf(model, dm, s.tokenizer_from, out / "hf_model"))
     return finish(out, metrics, files, t_start, trainer.is_global_zero, print_summary)
+
+
+def frozen_copy(model: MoECausalLM, plan) -> MoECausalLM:
+    """A copy of ``model`` (same dtype, device and precision policy) that never trains."""
+    from mtrain.models import build_model
+
+    ref = build_model(model.config, dtype=model.output_weight.dtype, device=model.output_weight.device,
+                      policy=plan.policy, init=False)
+    ref.load_state_dict(model.state_dict())
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
 
 
 def summarize(lit: GRPOModule, steps: int) -> dict[str, Any]:

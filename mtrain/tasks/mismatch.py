@@ -3,9 +3,8 @@
 Two precision profiles over the same weights:
 
 * **rollout** -- what an inference engine runs: gate precision from the RL decision (model dtype unless
-  ``FD_ENABLE_RL`` / ``rl=on``), RoPE likewise, KV-cache decoding. Under ``rl=on`` the rollout also decodes with the
-  trainer's computation (``task.rollout_decode=auto`` -> ``recompute``): each step is the trainer's full forward over
-  the fixed-width buffer, so rollout and trainer compute in the same shapes.
+  ``FD_ENABLE_RL`` / ``rl=on``), RoPE likewise, the fast engine (static KV cache). Under ``rl=on`` the engine runs
+  exact (``task.exact``: batch-invariant kernels), and the trainer recomputes through the same path.
 * **trainer** -- one full-sequence forward, gate fp32 by default (Megatron's ``moe_router_dtype=fp32``).
 
 The rollout generates from prompts (the built-in task or a JSONL file), the trainer recomputes the same tokens, and
@@ -28,13 +27,12 @@ from mtrain.config import ConfigError
 from mtrain.data import DataError, build_datamodule, load_tokenizer
 from mtrain.job import Job, model_from_config
 from mtrain.models import PrecisionPolicy, build_model
-from mtrain.models.generate import generate
 from mtrain.plots import figure
+from mtrain.rl.engines import RolloutRequest, SamplingConfig, build_engine
+from mtrain.rl.engines.base import choose_engine
 from mtrain.rl.mismatch import mismatch_metrics, trainer_recompute
 
 log = logging.getLogger(__name__)
-
-DECODES = ("auto", "kv", "recompute")
 
 
 def _prompts(cfg: DictConfig, task) -> tuple[list[list[int]], object, int, list[int]]:
@@ -65,8 +63,10 @@ def _prompts(cfg: DictConfig, task) -> tuple[list[list[int]], object, int, list[
 def run(job: Job) -> dict:
     cfg, plan = job.cfg, job.plan
     task = cfg.task
-    if task.rollout_decode not in DECODES:
-        raise ConfigError(f"task.rollout_decode={task.rollout_decode!r}: use {', '.join(DECODES)}")
+    try:
+        name, exact = choose_engine(task.engine, task.exact, plan.rl, False)
+    except ValueError as e:
+        raise ConfigError(f"task.engine / task.exact: {e}") from None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if task.device == "auto" else task.device
     trainer_rope = cfg.model.rope_fp32 if task.trainer_rope_fp32 is None else task.trainer_rope_fp32
     trainer_policy = PrecisionPolicy(gate_fp32=task.trainer_gate_fp32, rope_fp32=bool(trainer_rope))
@@ -77,7 +77,6 @@ def run(job: Job) -> dict:
         prompts, dm, pad_id, eos = _prompts(cfg, task)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    decode = task.rollout_decode if task.rollout_decode != "auto" else ("recompute" if plan.rl else "kv")
 
     dtype = task.dtype or cfg.model.dtype
     rollout = model_from_config(cfg.model, plan.policy, device=device, vocab_size=dm.vocab_size, seed=cfg.seed,
@@ -85,25 +84,23 @@ def run(job: Job) -> dict:
     trainer = build_model(rollout.config, dtype=dtype, device=device, policy=trainer_policy, init=False).eval()
     trainer.load_state_dict(rollout.state_dict())  # same weights; a bf16 gate is upcast exactly
 
+    engine = build_engine(name, model=rollout, eos_ids=eos, pad_id=pad_id, **({"exact": exact} if name == "fast"
+                                                                              else {}))
+    sampling = SamplingConfig(task.max_new_tokens, task.temperature, task.top_p)
+    out_rollout = engine.generate(RolloutRequest(prompts, sampling, seed=task.seed))
+    gen, rollout_s = out_rollout.gen, out_rollout.seconds
     start = time.perf_counter()
-    gen = generate(
-        rollout, prompts, max_new_tokens=task.max_new_tokens, eos_ids=eos, pad_id=pad_id,
-        temperature=task.temperature, top_p=task.top_p, seed=task.seed, decode=decode,
-    )
-    if device == "cuda":
-        torch.cuda.synchronize()
-    rollout_s = time.perf_counter() - start
-    start = time.perf_counter()
-    trainer_lp, trainer_routing = trainer_recompute(trainer, gen, pad_id)
+    trainer_lp, trainer_routing = trainer_recompute(trainer, gen, pad_id, scoring=engine.scoring)
     if device == "cuda":
         torch.cuda.synchronize()
     trainer_s = time.perf_counter() - start
     metrics, rows = mismatch_metrics(gen.logprobs, trainer_lp, gen.routing, trainer_routing, gen.lengths)
     metrics |= {
         "rollout_profile": f"gate {'fp32' if rollout.moe_gate_fp32 else dtype}, "
-        f"rope {'fp32' if rollout.rope_fp32 else dtype}, decode={decode}",
+        f"rope {'fp32' if rollout.rope_fp32 else dtype}, engine={engine.describe()}",
         "trainer_profile": f"gate {'fp32' if task.trainer_gate_fp32 else dtype}, "
-        f"rope {'fp32' if trainer_rope else dtype}, full forward",
+        f"rope {'fp32' if trainer_rope else dtype}, full forward"
+        f"{' (exact path)' if engine.scoring == 'invariant' else ''}",
         "rollout_tokens_per_s": metrics["tokens"] / rollout_s,
         "trainer_tokens_per_s": metrics["tokens"] / trainer_s,
         "device": device,

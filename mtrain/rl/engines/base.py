@@ -1,0 +1,115 @@
+"""The rollout-engine interface: what GRPO, ``task=mismatch`` and the accuracy eval ask of an engine.
+
+An engine turns a :class:`RolloutRequest` (token-id prompts, sampling settings, a seed, the RL step) into a
+:class:`Rollout` (a :class:`~mtrain.models.generate.Generation`: tokens, logprobs, routing), takes new weights as
+``(name, tensor)`` pairs (:meth:`RolloutEngine.update_weights`), and is closed when the job ends. Engines register by
+name (:func:`register_engine`) and are built by name (:func:`build_engine`): ``fast`` (static KV cache + CUDA graphs,
+optionally exact), ``recompute`` (the reference: the trainer's full forward per token), ``file`` (an external
+engine's rollouts). An HTTP engine is one more class here.
+
+``scoring`` says how the trainer recomputes this engine's logprobs to compare like with like: ``standard`` (the
+trainer's forward, :func:`mtrain.models.generate.recompute`) or ``invariant`` (:func:`mtrain.models.decoding.score`
+under the batch-invariant ops: the exact engine's path). ``exact``: that recompute gives the engine's numbers bit for
+bit by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Optional
+
+import torch
+
+from mtrain.models.generate import Generation
+
+SCORINGS = ("standard", "invariant")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class RolloutRequest:
+    prompts: list[list[int]]
+    sampling: SamplingConfig
+    seed: int = 0
+    step: int = 0  # the RL step (an engine replaying a file returns that step's responses)
+
+
+@dataclass
+class Rollout:
+    gen: Generation
+    seconds: float  # wall time of the generation (synchronised on a GPU)
+    examples: Optional[list[dict]] = None  # what the engine brought along (a file's text fields), else None
+    rewards: Optional[list[float]] = None  # rewards the engine brought (a file's), else None: the task scores
+    decode_steps: int = 0  # decode steps run (graph replays or eager steps), for the speed report
+
+
+class RolloutEngine:
+    """Base class of every engine (see the module doc)."""
+
+    name: ClassVar[str] = ""
+    scoring: str = "standard"
+    exact: bool = False
+    syncs: int = 0  # weight hand-overs received
+
+    def generate(self, request: RolloutRequest) -> Rollout:
+        raise NotImplementedError
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take new weights (an engine without weights of its own ignores them)."""
+
+    def close(self) -> None:
+        """Free what the engine holds."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
+
+
+def register_engine(name: str) -> Callable[[type], type]:
+    """Class decorator: make an engine buildable by name (``task.engine=<name>``)."""
+
+    def add(cls: type) -> type:
+        if name in ENGINES and ENGINES[name] is not cls:
+            raise ValueError(f"rollout engine {name!r} is already registered ({ENGINES[name].__name__})")
+        cls.name = name
+        ENGINES[name] = cls
+        return cls
+
+    return add
+
+
+def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
+    if name not in ENGINES:
+        raise ValueError(f"rollout engine {name!r} is not one of {', '.join(sorted(ENGINES))}")
+    return ENGINES[name](**kwargs)
+
+
+ENGINE_CHOICES = ("auto", "fast", "recompute", "file")
+
+
+def choose_engine(engine: str, exact: Optional[bool], rl: bool, from_file: bool) -> tuple[str, bool]:
+    """The engine a job runs and whether it is exact: ``auto`` is ``file`` with a rollout file, else ``fast``;
+    ``exact`` (null) follows the RL decision: under ``rl=on`` the fast engine runs exact. ValueError names a choice
+    that cannot work."""
+    if engine not in ENGINE_CHOICES:
+        raise ValueError(f"engine={engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    if from_file:
+        if engine not in ("auto", "file"):
+            raise ValueError(f"engine={engine} samples in-process, but task.rollouts_path gives the rollouts; drop one")
+        return "file", False
+    if engine == "file":
+        raise ValueError("engine=file needs task.rollouts_path (an external engine's rollouts)")
+    if engine == "recompute":
+        if exact is False:
+            raise ValueError("the recompute engine is exact by construction (the trainer's own forward); use "
+                             "engine=fast exact=false for an engine that is not")
+        return "recompute", True
+    return "fast", rl if exact is None else bool(exact)
