@@ -41,8 +41,7 @@ def _grow(need: int, have: int, step: int) -> int:
 class Decoder:
     """``Decoder(model).generate(prompts, max_new_tokens=..., temperature=..., top_p=..., seed=...)``.
 
-    ``graphs``: capture decode steps in CUDA graphs (default: on CUDA in bf16/fp16 or in exact mode, without a
-    ``logits_hook``). ``logits_hook``: applied to each step's fp32 logits [B, V] before sampling and the reported
+    ``graphs``: capture decode steps in CUDA graphs (default: on CUDA in bf16/fp16, without a ``logits_hook``). ``logits_hook``: applied to each step's fp32 logits [B, V] before sampling and the reported
     logprob (an engine stand-in's noise; eager only)."""
 
     def __init__(self, model: MoECausalLM, *, exact: bool = False, graphs: bool | None = None, sync_every: int = 8,
@@ -50,7 +49,7 @@ class Decoder:
         self.model, self.exact, self.hook = model, exact, logits_hook
         w = model.output_weight
         self.device = w.device
-        can_graph = w.is_cuda and logits_hook is None and (exact or w.dtype != torch.float32)
+        can_graph = w.is_cuda and logits_hook is None and w.dtype != torch.float32  # fp32 experts loop on the host
         self.graphs_on = can_graph if graphs is None else (graphs and can_graph)
         self.sync_every = sync_every if w.is_cuda else 1
         self.moe = bool(model.moe_layers)
