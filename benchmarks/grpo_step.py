@@ -1,10 +1,11 @@
-"""One GRPO step on the GPU, split into rollout, old-logprob recompute and update, under rl=on and rl=off; and how
-the rl=on trainer-shaped decode cost grows with response length against the KV-cache decode.
+"""One GRPO step on the GPU, split into rollout, old-logprob recompute and update, under rl=on (the fast engine's
+exact mode) and rl=off (the fast engine); and how the recompute reference's decode cost grows with response length
+against the fast engine's.
 
     python benchmarks/grpo_step.py                          # Qwen3-30B-A3B shape, 4 layers, bf16, on CUDA
     python benchmarks/grpo_step.py --shape tiny_qwen --smoke  # CPU check of the script
 
-Per profile (rl=on: fp32 gate + RoPE, decode="recompute"; rl=off: gate in bf16, KV cache), with random weights and
+Per profile (rl=on: fp32 gate + RoPE, exact engine; rl=off: gate in bf16, fast engine), with random weights and
 random prompts (no eos, so every response has exactly --new-tokens tokens): a step of --prompts x --group responses,
 timed phase by phase (after one untimed warm-up step), tokens/s of each phase, and the train/rollout mismatch of the
 batch. Then the decode-length sweep (--lengths) at --sweep-batch responses. The table is printed last; rows are
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import append_results, card, mtrain_config  # noqa: E402
 from mtrain.models import PrecisionPolicy, build_model  # noqa: E402
 from mtrain.rl.grpo import LossSettings, StepBatch, advantages_of, minibatch_loss, mismatch_stats, old_policy  # noqa: E402
-from mtrain.rl.rollout import RolloutEngine, SamplingConfig  # noqa: E402
+from mtrain.rl.engines import FastEngine, RecomputeEngine, RolloutRequest, SamplingConfig  # noqa: E402
 
 
 def sync():
@@ -43,7 +44,7 @@ def clock(fn):
 
 def profile(rl: bool):
     policy = PrecisionPolicy(gate_fp32=rl, rope_fp32=rl)
-    return policy, ("recompute" if rl else "kv")
+    return policy, ("exact" if rl else "fast")
 
 
 def step(a, cfg, device, rl: bool, new_tokens: int) -> dict:
@@ -51,7 +52,7 @@ def step(a, cfg, device, rl: bool, new_tokens: int) -> dict:
     policy.apply_backends(device.type == "cuda")
     torch.manual_seed(0)
     model = build_model(cfg, dtype=torch.bfloat16, device=device, policy=policy, seed=0)
-    engine = RolloutEngine.like(model, policy, None, decode, eos_ids=[], pad_id=0)
+    engine = FastEngine(copy_of=model, policy=policy, exact=rl)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, cfg.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(a.prompts)]
@@ -60,10 +61,11 @@ def step(a, cfg, device, rl: bool, new_tokens: int) -> dict:
     loss_s = LossSettings()
     out = {}
     for it in range(2):  # the first step warms up kernels and the allocator
-        gen, t_roll = engine.generate(prompts, sampling, seed=it)
+        roll = engine.generate(RolloutRequest(prompts, sampling, seed=it))
+        gen, t_roll = roll.gen, roll.seconds
         rewards = torch.rand(len(prompts), generator=g).round().to(device)  # a synthetic 0/1 reward
         adv, _ = advantages_of(rewards, a.group, "grpo", True)
-        old, t_old = clock(lambda: old_policy(model, gen, 0))
+        old, t_old = clock(lambda: old_policy(model, gen, 0, scoring=engine.scoring))
         batch = StepBatch(gen, rewards, adv, old.logprobs)
 
         def update():
@@ -93,14 +95,15 @@ def step(a, cfg, device, rl: bool, new_tokens: int) -> dict:
     return out
 
 
-def decode_only(a, cfg, device, rl: bool, new_tokens: int) -> float:
-    policy, decode = profile(rl)
+def decode_only(a, cfg, device, reference: bool, new_tokens: int) -> float:
+    """Seconds of one rollout of --sweep-batch responses: the recompute reference, or the fast engine (exact)."""
+    policy, _ = profile(True)
     model = build_model(cfg, dtype=torch.bfloat16, device=device, policy=policy, seed=0)
-    engine = RolloutEngine(model, decode, eos_ids=[], pad_id=0)
+    engine = RecomputeEngine(model=model) if reference else FastEngine(model=model, exact=True)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, cfg.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(a.sweep_batch)]
-    engine.generate(prompts, SamplingConfig(min(new_tokens, 8), 1.0, 1.0), seed=0)  # warm-up
-    _, seconds = engine.generate(prompts, SamplingConfig(new_tokens, 1.0, 1.0), seed=1)
+    engine.generate(RolloutRequest(prompts, SamplingConfig(min(new_tokens, 8), 1.0, 1.0)))  # warm-up
+    seconds = engine.generate(RolloutRequest(prompts, SamplingConfig(new_tokens, 1.0, 1.0), seed=1)).seconds
     del model, engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -133,8 +136,8 @@ def main() -> None:
     for n in [int(x) for x in a.lengths.split(",")]:
         on, off = decode_only(a, cfg, device, True, n), decode_only(a, cfg, device, False, n)
         sweep.append({"bench": "grpo_decode_length", "shape": a.shape, "layers": a.layers, "batch": a.sweep_batch,
-                      "new_tokens": n, "recompute_s": round(on, 4), "kv_s": round(off, 4),
-                      "recompute_over_kv": round(on / off, 2)})
+                      "new_tokens": n, "recompute_s": round(on, 4), "exact_s": round(off, 4),
+                      "recompute_over_exact": round(on / off, 2)})
     append_results(rows + sweep)
     print(f"\nGRPO step on {card()}: {a.shape}, {a.layers} layers, bf16, {a.prompts}x{a.group} responses of "
           f"{a.new_tokens} tokens after {a.prompt_len}-token prompts, {a.minibatches} mini-batch updates")
@@ -145,10 +148,10 @@ def main() -> None:
         print(f"{name:<22}{r['rollout_s']:>10.2f}{r['rollout_tokens_per_s']:>11,.0f}{r['old_logprobs_s']:>10.3f}"
               f"{r['old_logprobs_tokens_per_s']:>10,.0f}{r['update_s']:>10.3f}{r['update_tokens_per_s']:>10,.0f}"
               f"{r['mismatch/logprob_abs_diff_max']:>13.2e}{100 * r['mismatch/routing_disagreement']:>10.2f}%")
-    print(f"\ndecode cost vs response length ({a.sweep_batch} responses): rl=on trainer-shaped recompute vs KV cache")
+    print(f"\ndecode cost vs response length ({a.sweep_batch} responses): the recompute reference vs the exact engine")
     for r in sweep:
-        print(f"  {r['new_tokens']:>5} new tokens: recompute {r['recompute_s']:.2f} s, kv {r['kv_s']:.2f} s, "
-              f"ratio {r['recompute_over_kv']:.1f}x")
+        print(f"  {r['new_tokens']:>5} new tokens: recompute {r['recompute_s']:.2f} s, exact {r['exact_s']:.2f} s, "
+              f"ratio {r['recompute_over_exact']:.1f}x")
 
 
 if __name__ == "__main__":

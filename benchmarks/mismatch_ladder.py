@@ -5,7 +5,7 @@ weights, prompts and seeds, one run.
     python benchmarks/mismatch_ladder.py --experiments tiny_qwen3 tiny_glm4  # CPU smoke, tiny models
 
 Steps: rl=off (engine default: bf16 gate, KV cache) -> fp32 gate only (the FD_ENABLE_RL switch) -> + fp32 RoPE ->
-rl=on (+ trainer-shaped decode steps). The trainer profile is always gate fp32, full forward. Prints a table and
+rl=on (+ the exact engine). The trainer profile is always gate fp32, full forward. Prints a table and
 appends JSON lines to benchmarks/results.jsonl (and $OUT).
 """
 
@@ -27,9 +27,9 @@ from mtrain.tasks.mismatch import run  # noqa: E402
 
 LADDER = [
     ("rl=off", ["rl=off"]),
-    ("fp32 gate only", ["rl=on", "model.rope_fp32=false", "task.rollout_decode=kv"]),
-    ("+ fp32 RoPE", ["rl=on", "task.rollout_decode=kv"]),
-    ("rl=on (+ trainer-shaped decode)", ["rl=on"]),
+    ("fp32 gate only", ["rl=on", "model.rope_fp32=false", "task.exact=false"]),
+    ("+ fp32 RoPE", ["rl=on", "task.exact=false"]),
+    ("rl=on (+ exact engine)", ["rl=on"]),
 ]
 
 

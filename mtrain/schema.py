@@ -257,6 +257,7 @@ class GRPOTaskConfig(OptimTaskConfig):
     eval_every: int = 20  # held-out greedy accuracy every N RL steps (and before/after)
     rollouts_every: int = 10  # append a sample of prompts/responses/rewards to rollouts.jsonl every N steps
     checkpoint_every_n_steps: int = 50  # RL steps between checkpoints (last.ckpt)
+    checkpoints: bool = True  # false: no checkpoints at all (a throughput run nobody resumes)
     # MoE RL against a rollout engine
     routing_replay: str = "off"  # off | r3 (replay the rollout's experts) | r2 (replay the old-policy recompute's)
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)

@@ -288,7 +288,8 @@ def run(job: Job) -> dict[str, Any]:
         check_resume(ckpt, lit)
     updates = settings.updates_per_step
     trainer = build_trainer(
-        cfg, out, has_val=False, checkpoint_every=t.checkpoint_every_n_steps * updates, resume=bool(ckpt),
+        cfg, out, has_val=False, checkpoint=t.checkpoints, checkpoint_every=t.checkpoint_every_n_steps * updates,
+        resume=bool(ckpt),
         multirun=job.multirun,
         max_steps=cfg.trainer.max_steps * updates, gradient_clip_val=None, accumulate_grad_batches=1,
         val_check_interval=None,
