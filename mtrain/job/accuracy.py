@@ -13,6 +13,7 @@ from mtrain.data import MTrainDataModule
 from mtrain.models import MoECausalLM
 from mtrain.models.decoding import Decoder
 from mtrain.parallel import is_sharded, root_unsharded
+from mtrain.rl.engines import RolloutRequest, SamplingConfig
 
 log = logging.getLogger("mtrain")
 
@@ -80,8 +81,6 @@ def greedy_accuracy(
 def _decode_with(engine, model: MoECausalLM, dm: MTrainDataModule, max_new_tokens: int):
     """prompts -> greedy Generation, through ``engine`` or a decoder over ``model``."""
     if engine is not None:
-        from mtrain.rl.engines import RolloutRequest, SamplingConfig
-
         sampling = SamplingConfig(max_new_tokens, temperature=0.0)
         return lambda prompts: engine.generate(RolloutRequest(prompts, sampling)).gen
     decoder = Decoder(model, graphs=False if is_sharded(model) else None)

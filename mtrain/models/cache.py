@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 
 class StaticCache:
     def __init__(self, num_layers: int, slots: int, num_kv_heads: int, max_len: int, head_dim: int, *, dtype,
@@ -44,11 +46,8 @@ class StaticCache:
         kc, vc = self.k[layer], self.v[layer]
         kc[self.rows, :, self.positions] = k.to(kc.dtype)
         vc[self.rows, :, self.positions] = v.to(vc.dtype)
-        if q.is_cuda:
-            from .kernels import attention
-
-            if attention.supported(q.shape[-1], q.shape[1] // k.shape[1]):
-                return attention.cache_attention(q.contiguous(), kc, vc, self.rows.to(torch.int32), self.lens)
+        if q.is_cuda and kernels.attention_supported(q.shape[-1], q.shape[1] // k.shape[1]):
+            return kernels.cache_attention(q.contiguous(), kc, vc, self.rows.to(torch.int32), self.lens)
         return _attend_torch(q, kc, vc, self.rows, self.lens)
 
     def advance(self, n: int) -> None:

@@ -24,6 +24,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 CPU_ROWS = 16  # the CPU's invariant matmul multiplies blocks of this many rows
 _invariant = False
 
@@ -55,9 +57,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if _triton_ok(x):
-        from .kernels.matmul import matmul
-
-        y = matmul(x2, weight, bias)
+        y = kernels.matmul(x2, weight, bias)
     else:
         y = _blocked_linear(x2, weight, bias)
     return y.view(*shape[:-1], weight.shape[0])
@@ -80,9 +80,7 @@ def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, computed in fp32 (the HF order)."""
     if _invariant and _triton_ok(x):
-        from .kernels.rowwise import rms_norm as kernel
-
-        return kernel(x, weight, eps)
+        return kernels.rms_norm(x, weight, eps)
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -112,9 +110,7 @@ def experts_invariant(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                       down: torch.Tensor) -> torch.Tensor:
     """The routed experts (x [T, H], weights fp32 [T, k], ids [T, k]) batch-invariantly, without autograd."""
     if _triton_ok(x) and x.dtype != torch.float32:
-        from .kernels.experts import routed_experts
-
-        return routed_experts(x, weights, idx, gate_up, down)
+        return kernels.routed_experts(x, weights, idx, gate_up, down)
     T, k = idx.shape
     out = x.new_zeros(T * k, x.shape[1])
     flat = idx.reshape(-1)
@@ -135,9 +131,7 @@ def experts_invariant(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
 def logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """fp32 ``log_softmax(logits / T)[token]`` per row of ``logits [R, V]`` (0 where token < 0)."""
     if logits.is_cuda:
-        from .kernels.rowwise import logprob as kernel
-
-        return kernel(logits, tokens, temperature)
+        return kernels.logprob(logits, tokens, temperature)
     x = logits.float()
     if temperature != 1.0:
         x = x / temperature
@@ -178,9 +172,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.T
     else:
         threshold = torch.full((R,), float("-inf"), device=logits.device)
     if logits.is_cuda:
-        from .kernels.rowwise import sample as kernel
-
-        return kernel(logits, keys, threshold, temperature)
+        return kernels.sample(logits, keys, threshold, temperature)
     x = logits.float()
     if temperature <= 0:
         return x.argmax(-1)

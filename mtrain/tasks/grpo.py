@@ -27,7 +27,7 @@ from mtrain.job import Job, Setup, export_hf, finish, greedy_accuracy, start_job
 from mtrain.lit import MoELitModule, build_trainer
 from mtrain.lit.grpo import GRPOModule, GRPOSettings
 from mtrain.lit.resume import check_resume, resume_path
-from mtrain.models import MoECausalLM
+from mtrain.models import MoECausalLM, build_model
 from mtrain.plots import figure
 from mtrain.rl import ADVANTAGE_MODES, KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_KINDS, CorrectionConfig
 from mtrain.rl.grpo import REPLAY_MODES, LossSettings, MismatchSettings
@@ -316,8 +316,6 @@ def run(job: Job) -> dict[str, Any]:
 
 def frozen_copy(model: MoECausalLM, plan) -> MoECausalLM:
     """A copy of ``model`` (same dtype, device and precision policy) that never trains."""
-    from mtrain.models import build_model
-
     ref = build_model(model.config, dtype=model.output_weight.dtype, device=model.output_weight.device,
                       policy=plan.policy, init=False)
     ref.load_state_dict(model.state_dict())

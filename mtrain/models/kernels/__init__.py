@@ -13,3 +13,18 @@ a prefill, a decode step or the trainer's recompute -- the property the engine's
 * :mod:`.rowwise`: RMSNorm, the log-probability of a chosen token, and Gumbel-max sampling with counter-based noise
   (a function of seed, request row and step: the same draw whatever the batch).
 """
+
+from mtrain._lazy import lazy_exports
+
+# imported on first use (triton loads only when a CUDA tensor asks for a kernel)
+_EXPORTS = {
+    "attention_supported": "attention",
+    "cache_attention": "attention",
+    "matmul": "matmul",
+    "routed_experts": "experts",
+    "rms_norm": "rowwise",
+    "logprob": "rowwise",
+    "sample": "rowwise",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -50,7 +50,7 @@ def _cache_attention(q_ptr, k_ptr, v_ptr, o_ptr, rows_ptr, lens_ptr,
              mask=gmask[:, None])
 
 
-def supported(head_dim: int, group: int) -> bool:
+def attention_supported(head_dim: int, group: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and group <= 64
 
 
