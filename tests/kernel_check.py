@@ -11,7 +11,7 @@ import torch.nn.functional as F
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 from mtrain.models import cache as C  # noqa: E402
 from mtrain.models import ops  # noqa: E402
-from mtrain.models.kernels import attention, experts, matmul, rowwise  # noqa: E402
+from mtrain.models.kernels import attention, experts, gemm as matmul, rowwise  # noqa: E402
 
 torch.manual_seed(0)
 bad = []

@@ -68,6 +68,7 @@ class Decoder:
         self.cap, self.width = _grow(rows, self.cap, 8), _grow(width, self.width, 128)
         self.cols = _grow(cols, self.cols, 64)
         self.graphs.clear()
+        self.pool = None  # a fresh memory pool for the graphs of the new buffers
         m, dev, C = self.model, self.device, self.cap + 1  # + the scratch slot (bucket padding; never live)
         L, k = len(m.moe_layers), m.config.num_experts_per_tok
         self.cache = StaticCache.for_model(m, C, self.width)
@@ -89,6 +90,7 @@ class Decoder:
         stack.enter_context(torch.no_grad())
         stack.enter_context(eager())
         stack.enter_context(ops.invariant(self.exact))
+        stack.enter_context(ops.fused())
         return stack
 
     # -- one decode step (what a graph captures) ------------------------------------------------------------------
@@ -276,7 +278,7 @@ def score(model: MoECausalLM, gen: Generation, *, trace: RoutingTrace | None = N
     recorded: dict[int, list] = {i: [] for i in layers}
     own: dict[int, list] = {i: [] for i in layers}
     hs = []
-    with eager(), ops.invariant(exact):
+    with eager(), ops.invariant(exact), ops.fused():
         for a in range(0, ids.numel(), chunk_tokens):
             b = a + chunk_tokens
             cache.bind(flat.row[a:b], pos[a:b])

@@ -174,7 +174,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], the router's weights and expert ids [T, k] -> the weighted sum of each token's experts."""
-        if ops.invariant_active():
+        if ops.experts_kernel_ok(x):
             return ops.experts_invariant(x, weights, idx, self.gate_up_proj, self.down_proj)
         return routed_experts(x, weights, idx, self.gate_up_proj, self.down_proj, self.backend)
 

@@ -28,10 +28,23 @@ from . import kernels
 
 CPU_ROWS = 16  # the CPU's invariant matmul multiplies blocks of this many rows
 _invariant = False
+_fused = False
 
 
 def invariant_active() -> bool:
     return _invariant
+
+
+@contextlib.contextmanager
+def fused(on: bool = True) -> Iterator[None]:
+    """Inference on CUDA with mtrain's own kernels where they beat the torch calls: RMSNorm in one kernel, the routed
+    experts as Triton grouped GEMMs (no autograd; the rollout engine's decode and prefill). Off: plain torch."""
+    global _fused
+    before, _fused = _fused, on
+    try:
+        yield
+    finally:
+        _fused = before
 
 
 @contextlib.contextmanager
@@ -79,7 +92,7 @@ def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 # -- row-wise -----------------------------------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, computed in fp32 (the HF order)."""
-    if _invariant and _triton_ok(x):
+    if (_invariant or _fused) and _triton_ok(x):
         return kernels.rms_norm(x, weight, eps)
     dtype = x.dtype
     xf = x.float()
@@ -106,6 +119,12 @@ def slot_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 # -- experts ------------------------------------------------------------------------------------------------------------
+def experts_kernel_ok(x: torch.Tensor) -> bool:
+    """Whether :func:`experts_invariant` may serve the experts: always in exact mode, and in :func:`fused` inference
+    on CUDA in bf16/fp16 (the Triton grouped GEMMs)."""
+    return _invariant or (_fused and _triton_ok(x) and x.dtype != torch.float32)
+
+
 def experts_invariant(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
                       down: torch.Tensor) -> torch.Tensor:
     """The routed experts (x [T, H], weights fp32 [T, k], ids [T, k]) batch-invariantly, without autograd."""

@@ -7,7 +7,7 @@ share the launch. So a token's numbers do not depend on the batch it is computed
 a prefill, a decode step or the trainer's recompute -- the property the engine's exact mode needs.
 
 * :mod:`.attention`: attention of each token over its own cache row (``rows``, ``lens``), keys in fixed blocks;
-* :mod:`.matmul`: ``x @ w.T (+ b)`` in fixed tiles (bf16 with fp32 accumulation; fp32 in full IEEE precision);
+* :mod:`.gemm`: ``x @ w.T (+ b)`` in fixed tiles (bf16 with fp32 accumulation; fp32 in full IEEE precision);
 * :mod:`.experts`: the routed experts as fixed-tile grouped GEMMs (gate/up + SwiGLU, down) and a fixed-order
   weighted sum of each token's k expert outputs;
 * :mod:`.rowwise`: RMSNorm, the log-probability of a chosen token, and Gumbel-max sampling with counter-based noise
@@ -20,7 +20,7 @@ from mtrain._lazy import lazy_exports
 _EXPORTS = {
     "attention_supported": "attention",
     "cache_attention": "attention",
-    "matmul": "matmul",
+    "matmul": "gemm",
     "routed_experts": "experts",
     "rms_norm": "rowwise",
     "logprob": "rowwise",
