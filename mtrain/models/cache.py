@@ -57,23 +57,24 @@ class StaticCache:
 def _attend_torch(q, kc, vc, rows, lens, block: int = 16):
     """Each token over its row's first ``lens`` keys, in fp32, in fixed blocks of ``block`` keys with an online
     softmax (as the CUDA kernel): a token's result depends neither on the other tokens of the call nor on the cache
-    width."""
+    width. (Every token sees at least its own key, so after the first block the running max is finite and masked
+    keys contribute exactly exp(-inf) = 0.)"""
     T, Hq, D = q.shape
     Hkv = kc.shape[1]
     rep = Hq // Hkv
-    qf = q.float().view(T, Hkv, rep, D)
+    qf = q.float().view(T, Hkv, rep, D) * D**-0.5
     m = q.new_full((T, Hkv, rep), float("-inf"), dtype=torch.float32)
     den = torch.zeros_like(m)
     acc = q.new_zeros((T, Hkv, rep, D), dtype=torch.float32)
+    offsets = torch.arange(block, device=q.device)
     for s0 in range(0, int(lens.max()) if T else 0, block):
         kb = kc[rows, :, s0 : s0 + block].float()  # [T, Hkv, block, D]
         vb = vc[rows, :, s0 : s0 + block].float()
-        visible = (s0 + torch.arange(block, device=q.device))[None, :] < lens[:, None]  # [T, block]
-        s = torch.matmul(qf, kb.transpose(-1, -2)) * D**-0.5  # [T, Hkv, rep, block]
-        s = s.masked_fill(~visible[:, None, None, :], float("-inf"))
+        hidden = ((s0 + offsets)[None, :] >= lens[:, None])[:, None, None, :]  # [T, 1, 1, block]
+        s = torch.matmul(qf, kb.transpose(-1, -2)).masked_fill_(hidden, float("-inf"))  # [T, Hkv, rep, block]
         m_new = torch.maximum(m, s.amax(-1))
-        alpha = torch.where(m_new == float("-inf"), 1.0, torch.exp(m - m_new))
-        p = torch.where(visible[:, None, None, :], torch.exp(s - m_new[..., None]), 0.0)
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(s - m_new[..., None])
         den = den * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + torch.matmul(p, vb)
         m = m_new
