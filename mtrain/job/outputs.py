@@ -11,6 +11,7 @@ import torch
 
 from mtrain.data import MTrainDataModule, save_tokenizer
 from mtrain.lit.checkpoint_io import wait_for_checkpoints
+from mtrain.lit.loggers import finish_loggers
 from mtrain.models import MoECausalLM, save_pretrained
 from mtrain.parallel import export_hf as export_sharded
 from mtrain.parallel import is_sharded
@@ -19,8 +20,8 @@ from mtrain.job.records import write_json
 
 def finish(run_dir: Path, metrics: dict, files: dict, t_start: float, rank_zero: bool,
            summary: Callable[[dict], None], last_step_at: Optional[float] = None) -> dict:
-    """The end of every training job: wall time and files into ``metrics``, ``metrics.json`` and the printed summary
-    (rank 0); returns ``metrics``. ``last_step_at``: ``perf_counter()`` at the end of the last training step, for
+    """The end of every training job: wall time and files into ``metrics``, the final metrics and plots to the
+    loggers, ``metrics.json`` and the printed summary (rank 0); returns ``metrics``. ``last_step_at``: ``perf_counter()`` at the end of the last training step, for
     ``seconds.after_last_step`` (what the job's end costs: final validation, checkpoint, export)."""
     writes = wait_for_checkpoints()  # the last write overlapped the job's end; it is on disk from here
     if isinstance(metrics.get("seconds"), dict):
@@ -33,6 +34,9 @@ def finish(run_dir: Path, metrics: dict, files: dict, t_start: float, rank_zero:
         metrics["checkpoint_write_mb_per_s"] = round(writes.written_bytes / 1e6 / max(writes.written_s, 1e-9), 1)
     metrics["wall_s"] = time.perf_counter() - t_start
     metrics["files"] = files
+    loggers = finish_loggers(run_dir, metrics, rank_zero)  # final metrics and plots to W&B, MLflow, TensorBoard
+    if loggers:
+        files["loggers"] = loggers
     if rank_zero:
         write_json(run_dir / "metrics.json", metrics)
         summary(metrics)
