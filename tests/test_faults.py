@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -231,6 +232,63 @@ def test_jobs_started_together_get_their_own_run_dirs(tmp_path):
     runs = sorted(tmp_path.glob("outputs/*/*"))
     assert len(runs) == 2 and all((r / "metrics.json").is_file() for r in runs)
     assert all(json.loads((r / "metrics.json").read_text())["steps"] == 2 for r in runs)
+
+
+def test_a_run_dir_belongs_to_one_job_at_a_time(tmp_path):
+    """A second job given the running job's hydra.run.dir stops at once with one line naming the first (pid, host,
+    start time) and writes nothing there; once the first is killed (kill -9: its lock dies with it) the same command
+    resumes the dir, and after that job ended, once more."""
+    import socket
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mtrain", *RUN, "task.ckpt_path=auto", f"hydra.run.dir={run}"]
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        # the first job: long enough to be running when the second one starts
+        first = subprocess.Popen([*cmd, "trainer.max_steps=100000"], cwd=tmp_path, env=env(), stdout=out, stderr=out)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.01)
+    assert last.exists() and first.poll() is None, log.read_text()[-2000:]
+    hydra_files = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+
+    second = run_cli([*RUN, "task.ckpt_path=auto", f"hydra.run.dir={run}", "seed=1"], cwd=tmp_path)
+    assert second.returncode == 2 and first.poll() is None
+    host, when = re.escape(socket.gethostname()), r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+"
+    assert re.fullmatch(rf"mtrain: error: run dir {re.escape(str(run))} is in use by another job \(pid {first.pid} on "
+                        rf"{host}, started {when}\); wait for it to end, or choose another hydra.run.dir",
+                        second.stderr.strip()), second.stderr
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == hydra_files  # the first job's, untouched
+    assert not (run / "status.json").exists()
+
+    first.kill()
+    first.wait(timeout=60)
+    step = ckpt_step(last)
+    for steps in (step + 3, step + 3):  # resume the killed job's dir; then the finished one's (nothing to train)
+        r = run_cli([*RUN, "task.ckpt_path=auto", f"hydra.run.dir={run}", f"trainer.max_steps={steps}"], cwd=tmp_path,
+                    timeout=180)
+        assert r.returncode == 0, r.stderr[-2000:]
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["resumed_from"] == str(last) and metrics["steps"] == step + 3
+
+
+def test_a_sweep_job_whose_dir_is_taken_fails_alone(tmp_path):
+    """A job of a sweep whose dir another process holds (the same sweep started twice) fails with that line in the
+    summary and leaves the dir alone; the sweep's other jobs run."""
+    from mtrain.rundir import claim, release
+
+    sweep = tmp_path / "sweep"
+    taken = sweep / "0_rl=on,task=info"
+    claim(taken)  # this test's process plays the other job
+    try:
+        r = run_cli(["-m", "rl=on,off", "task=info", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    finally:
+        release(taken)
+    assert r.returncode != 0
+    assert f"run dir {taken} is in use by another job (pid {os.getpid()} on" in r.stderr
+    assert sorted(p.name for p in taken.iterdir()) == [".hydra", ".mtrain.lock", "mtrain.log"]  # no status.json
+    assert json.loads((sweep / "1_rl=off,task=info" / "status.json").read_text())["status"] == "ok"
 
 
 def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path):
