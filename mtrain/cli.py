@@ -27,6 +27,7 @@ from mtrain.job.preflight import check_model_job
 from mtrain.job.records import interruptions, write_json
 from mtrain.job.run import Job, user_error
 from mtrain.parallel.launch import requeue_signals, resume_request, slurm_requeue
+from mtrain.rundir import claim
 from mtrain.tasks import MODEL_TASKS, get_task
 
 log = logging.getLogger("mtrain")
@@ -102,6 +103,7 @@ def check_run_dir(job: Job) -> None:
 def run_job(cfg: DictConfig) -> dict:
     """One job: decide + save the resolved config, run the task with the plan's environment, return its metrics."""
     try:
+        claim(job_dir())  # one job at a time in a run dir (a single run claimed it before Hydra wrote to it)
         resolved, plan = prepare_run(cfg)
         job = Job(resolved, plan, job_dir(), multirun=_multirun(), choices=_choices())
         check_run_dir(job)

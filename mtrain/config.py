@@ -33,7 +33,7 @@ from omegaconf.errors import InterpolationResolutionError
 from mtrain.models.config import MoEConfig
 from mtrain.models.precision import PrecisionPolicy
 from mtrain.models.registry import FAMILIES
-from mtrain.schema import model_schema, register_schemas
+from mtrain.schema import LOGGER_SCHEMAS, model_schema, register_schemas
 
 log = logging.getLogger("mtrain")
 
@@ -270,8 +270,17 @@ def _resolve_copy(cfg: DictConfig) -> DictConfig:
 def _refuse_unknown_keys(cfg: DictConfig) -> None:
     """Keys added with ``+group.key=...`` that the group's schema does not know (Hydra lets ``+`` add keys even to
     typed nodes) are refused here, with their names."""
-    for group in ("model", "task", "data", "trainer", "rl"):
-        node = cfg.get(group)
+    loggers = cfg.get("logger") or {}
+    unknown = sorted(set(loggers) - set(LOGGER_SCHEMAS))
+    if unknown:
+        raise ConfigError(f"logger: unknown logger(s) {', '.join(unknown)}; known: {', '.join(LOGGER_SCHEMAS)} "
+                          "(choose them with logger=[csv,wandb])")
+    for name in loggers:  # +logger.wandb.project=x without logger=wandb: an untyped node, not the logger's config
+        if OmegaConf.get_type(loggers[name]) is not LOGGER_SCHEMAS[name]:
+            raise ConfigError(f"logger.{name} is set but {name} is not selected: add it, e.g. logger=[csv,{name}], "
+                              f"and set logger.{name}.<key>=... without the +")
+    for group in ("model", "task", "data", "trainer", "rl", *(f"logger.{name}" for name in loggers)):
+        node = OmegaConf.select(cfg, group)
         schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
         if schema is None or not dataclasses.is_dataclass(schema):
             continue

@@ -1,15 +1,15 @@
 """The typed schema of every config group, stored in Hydra's ConfigStore on ``import mtrain``.
 
-Hydra sets the struct flag, so a misspelled key or a wrong type under any group (model, rl, trainer, task, data) is
-refused at compose time with its name. Each ``conf/<group>/<option>.yaml`` starts from its schema
-(``defaults: [/schema/<group>/<option>@_here_]``); ``model`` schemas are made from the model-family registry, so a
-new family gets its typed ``model.arch`` without an edit here.
+Hydra sets the struct flag, so a misspelled key or a wrong type under any group (model, rl, trainer, task, data,
+logger) is refused at compose time with its name. Each ``conf/<group>/<option>.yaml`` starts from its schema
+(``defaults: [/schema/<group>/<option>@_here_]``; a logger's at ``@<name>``); ``model`` schemas are made from the
+model-family registry, so a new family gets its typed ``model.arch`` without an edit here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, make_dataclass
-from typing import Any, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -281,6 +281,56 @@ TASK_SCHEMAS: dict[str, type] = {
 }
 
 
+# -- logger ---------------------------------------------------------------------------------------------------------
+# ``logger=<name>`` or ``logger=[a,b]`` (mtrain.lit.loggers): each selected yaml of conf/logger/ puts its typed node
+# under ``logger.<name>``. ``PACKAGES``: what it needs installed (any one of them), checked before the job starts.
+@dataclass
+class CSVLoggerConfig:
+    """``<run dir>/csv/metrics.csv``: the step metrics (a resumed run continues the file)."""
+
+    PACKAGES: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    """``<run dir>/tensorboard/``: event files with the step and final metrics, the config and the plots."""
+
+    PACKAGES: ClassVar[tuple[str, ...]] = ("tensorboard", "tensorboardX")
+
+
+@dataclass
+class WandbLoggerConfig:
+    """Weights & Biases; its local files in ``<run dir>/wandb/`` (``WANDB_MODE=offline`` or ``offline: true``:
+    nothing leaves the machine until ``wandb sync``)."""
+
+    PACKAGES: ClassVar[tuple[str, ...]] = ("wandb",)
+    project: str = "mtrain"
+    entity: Optional[str] = None  # null: your default entity
+    name: Optional[str] = None  # null: the run dir's name
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    offline: bool = False
+
+
+@dataclass
+class MLflowLoggerConfig:
+    """MLflow tracking: the step and final metrics, the config as params, the plots as artifacts."""
+
+    PACKAGES: ClassVar[tuple[str, ...]] = ("mlflow",)
+    experiment_name: str = "mtrain"
+    run_name: Optional[str] = None  # null: the run dir's name
+    tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else MLflow's default (3.x: sqlite:///mlflow.db)
+    tags: Dict[str, str] = field(default_factory=dict)
+
+
+LOGGER_SCHEMAS: dict[str, type] = {
+    "csv": CSVLoggerConfig,
+    "tensorboard": TensorBoardLoggerConfig,
+    "wandb": WandbLoggerConfig,
+    "mlflow": MLflowLoggerConfig,
+}
+
+
 # -- root -----------------------------------------------------------------------------------------------------------
 @dataclass
 class MTrainConfig:
@@ -289,6 +339,7 @@ class MTrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     task: Any = MISSING  # typed per task by its schema (first entry of the task yaml's defaults list)
     data: DataConfig = field(default_factory=DataConfig)
+    logger: Dict[str, Any] = field(default_factory=dict)  # name -> its LOGGER_SCHEMAS node (logger=[csv,wandb])
     seed: int = 0
 
 
@@ -304,3 +355,5 @@ def register_schemas() -> None:
         cs.store(group="schema/model", name=name, node=node)
     for name, node in TASK_SCHEMAS.items():
         cs.store(group="schema/task", name=name, node=node)
+    for name, node in LOGGER_SCHEMAS.items():
+        cs.store(group="schema/logger", name=name, node=node)

@@ -27,6 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mtrain.job.records import interruptions, write_json
+from mtrain.rundir import RunDirBusy
 
 log = logging.getLogger("mtrain")
 
@@ -147,6 +148,8 @@ class SweepSummary(Callback):
         out = Path(hc.runtime.output_dir)
         failed = job_return.status != JobStatus.COMPLETED
         err = job_return._return_value if failed else None  # .return_value would re-raise the job's error
+        if isinstance(err, RunDirBusy):
+            return  # the dir is another job's: its status.json is that job's to write
         status = {
             "job": _num(config),
             "overrides": [str(o) for o in hc.overrides.task],

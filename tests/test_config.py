@@ -241,6 +241,11 @@ def test_a_resumed_sweep_lands_in_the_same_job_dirs(compose_config):
         (["model=qwen3_moe", "model.arch.n_routed_experts=4"], "n_routed_experts"),  # a GLM4-only field
         (["seeed=1"], "seeed"),
         (["model=llama"], "model/llama"),
+        (["logger=comet"], "logger/comet"),
+        (["logger=[csv,comet]"], "logger/comet"),
+        (["logger=[csv,wandb]", "logger.wandb.projct=x"], "projct"),
+        (["logger=mlflow", "logger.mlflow.tags=x"], "tags"),
+        (["logger.wandb.project=x"], "wandb"),  # wandb not selected
     ],
 )
 def test_schema_refuses_bad_keys_and_types(compose_config, overrides, key):
@@ -256,6 +261,9 @@ def test_schema_refuses_bad_keys_and_types(compose_config, overrides, key):
         (["rl.mode=maybe"], "rl.mode='maybe'"),
         (["model.name=qwen3_moe"], "model.name='qwen3_moe'"),
         (["model.arch.num_experts_per_tok=99"], "model.arch: num_experts_per_tok=99"),
+        (["+logger.comet.x=1"], "logger: unknown logger"),
+        (["logger=wandb", "+logger.wandb.projct=x"], "logger.wandb.projct; known: entity, group"),
+        (["+logger.wandb.project=x"], "logger.wandb is set but wandb is not selected"),
     ],
 )
 def test_prepare_run_refuses_inconsistent_values(compose_config, overrides, match):

@@ -9,11 +9,15 @@ import csv
 import json
 import os
 import pickle
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -233,6 +237,63 @@ def test_jobs_started_together_get_their_own_run_dirs(tmp_path):
     assert all(json.loads((r / "metrics.json").read_text())["steps"] == 2 for r in runs)
 
 
+def test_a_run_dir_belongs_to_one_job_at_a_time(tmp_path):
+    """A second job given the running job's hydra.run.dir stops at once with one line naming the first (pid, host,
+    start time) and writes nothing there; once the first is killed (kill -9: its lock dies with it) the same command
+    resumes the dir, and after that job ended, once more."""
+    import socket
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mtrain", *RUN, "task.ckpt_path=auto", f"hydra.run.dir={run}"]
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        # the first job: long enough to be running when the second one starts
+        first = subprocess.Popen([*cmd, "trainer.max_steps=100000"], cwd=tmp_path, env=env(), stdout=out, stderr=out)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.01)
+    assert last.exists() and first.poll() is None, log.read_text()[-2000:]
+    hydra_files = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+
+    second = run_cli([*RUN, "task.ckpt_path=auto", f"hydra.run.dir={run}", "seed=1"], cwd=tmp_path)
+    assert second.returncode == 2 and first.poll() is None
+    host, when = re.escape(socket.gethostname()), r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+"
+    assert re.fullmatch(rf"mtrain: error: run dir {re.escape(str(run))} is in use by another job \(pid {first.pid} on "
+                        rf"{host}, started {when}\); wait for it to end, or choose another hydra.run.dir",
+                        second.stderr.strip()), second.stderr
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == hydra_files  # the first job's, untouched
+    assert not (run / "status.json").exists()
+
+    first.kill()
+    first.wait(timeout=60)
+    step = ckpt_step(last)
+    for steps in (step + 3, step + 3):  # resume the killed job's dir; then the finished one's (nothing to train)
+        r = run_cli([*RUN, "task.ckpt_path=auto", f"hydra.run.dir={run}", f"trainer.max_steps={steps}"], cwd=tmp_path,
+                    timeout=180)
+        assert r.returncode == 0, r.stderr[-2000:]
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["resumed_from"] == str(last) and metrics["steps"] == step + 3
+
+
+def test_a_sweep_job_whose_dir_is_taken_fails_alone(tmp_path):
+    """A job of a sweep whose dir another process holds (the same sweep started twice) fails with that line in the
+    summary and leaves the dir alone; the sweep's other jobs run."""
+    from mtrain.rundir import claim, release
+
+    sweep = tmp_path / "sweep"
+    taken = sweep / "0_rl=on,task=info"
+    claim(taken)  # this test's process plays the other job
+    try:
+        r = run_cli(["-m", "rl=on,off", "task=info", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    finally:
+        release(taken)
+    assert r.returncode != 0
+    assert f"run dir {taken} is in use by another job (pid {os.getpid()} on" in r.stderr
+    assert sorted(p.name for p in taken.iterdir()) == [".hydra", ".mtrain.lock", "mtrain.log"]  # no status.json
+    assert json.loads((sweep / "1_rl=off,task=info" / "status.json").read_text())["status"] == "ok"
+
+
 def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path):
     (tmp_path / "a_file").write_text("")
     r = run_cli([f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"], cwd=tmp_path)
@@ -329,6 +390,114 @@ def test_the_checkpoint_writer_streams_to_disk_and_stays_atomic(tmp_path, monkey
     monkeypatch.setattr(torch, "save", real)
     assert torch.load(path, weights_only=True)["global_step"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def _on_a_small_disk(tmp_path: Path, kilobytes: int, runs: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """``python -m mtrain <args>`` for each of ``runs`` in turn, in a user and mount namespace of their own (no root
+    needed) where ``tmp_path/disk`` is a tmpfs of ``kilobytes``: a real full disk. The disk's files are copied to
+    ``tmp_path/after`` when the last run ends (the tmpfs goes with the namespace)."""
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir()
+    after.mkdir()
+    mount = f"mount -t tmpfs -o size={kilobytes}k tmpfs {disk}"
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh",
+                                                          "-c", mount], capture_output=True).returncode:
+        pytest.skip("needs unshare with unprivileged user namespaces to mount a small tmpfs")
+    script = [mount]
+    for i, args in enumerate(runs):
+        cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "mtrain", *args])
+        script.append(f"{cmd} > {tmp_path}/out{i} 2> {tmp_path}/err{i}; echo $? > {tmp_path}/rc{i}")
+    script.append(f"cp -a {disk}/. {after}/")
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "\n".join(script)], cwd=tmp_path,
+                   env=env(), check=True, timeout=300)
+    return [subprocess.CompletedProcess(args, int((tmp_path / f"rc{i}").read_text()),
+                                        (tmp_path / f"out{i}").read_text(), (tmp_path / f"err{i}").read_text())
+            for i, args in enumerate(runs)]
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """On a 2.2 MB disk the first last.ckpt (1.4 MB) fits and the second, written beside it before the swap, does
+    not: the job stops with one line naming the file, the bytes needed and free (exit 2), and last.ckpt is the
+    first, whole; no partial file is left."""
+    run = tmp_path / "disk" / "run"
+    [r] = _on_a_small_disk(tmp_path, 2200, [[*RUN, "task.save_top_k=0", f"hydra.run.dir={run}"]])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.fullmatch(rf"mtrain: error: no space left on the device for the checkpoint {re.escape(str(run))}/"
+                        r"checkpoints/last\.ckpt: it needs 1\.3\d MB and \d{3} kB were free there; last\.ckpt is "
+                        r"as it was before this write\. Fix: .*", r.stderr.strip().splitlines()[-1]), r.stderr
+    ckpts = tmp_path / "after" / "run" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["last.ckpt"] and ckpt_step(ckpts / "last.ckpt") == 6
+
+
+def test_a_full_disk_during_an_export_is_one_line_and_keeps_the_previous_export(tmp_path):
+    """A run exports hf_model/ (0.45 MB) on a 0.8 MB disk; a second run over it (task.overwrite=true) has no room
+    for its export beside the first: one line, exit 2, and the first export is whole."""
+    from mtrain.models import from_pretrained
+
+    run = tmp_path / "disk" / "run"
+    args = ["trainer.max_steps=2", "task.checkpoints=false", "task.accuracy=false", "data.num_train=64",
+            "data.num_val=16", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
+    done, full = _on_a_small_disk(tmp_path, 800, [args, [*args, "task.overwrite=true", "seed=1"]])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert re.fullmatch(rf"mtrain: error: no space left on the device for the export {re.escape(str(run))}/hf_model: "
+                        r"it needs \d{3} kB and \d{3} kB were free there; hf_model is as it was before this write\. "
+                        r"Fix: .*", full.stderr.strip().splitlines()[-1]), full.stderr
+    after = tmp_path / "after" / "run"
+    assert sorted(p.name for p in after.iterdir() if "hf_model" in p.name) == ["hf_model"]  # no temporary folder
+    from_pretrained(after / "hf_model")
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "export"])
+def test_a_full_disk_is_told_apart_from_other_write_errors(tmp_path, monkeypatch, writer):
+    """Where a small disk cannot be made: each writer's own full-disk error (torch's zip writer names no errno, so
+    the free space decides), patched in half-way through the write, becomes one line; the previous file stays."""
+    import mtrain.disk
+    from mtrain.data import synthetic_tokenizer
+    from mtrain.disk import DiskFull
+    from mtrain.job.outputs import export_hf
+    from mtrain.lit.checkpoint_io import StreamingCheckpointIO
+    from mtrain.models import Glm4MoeConfig, build_model, from_pretrained, save_pretrained
+
+    if writer == "checkpoint":
+        dest, io = tmp_path / "last.ckpt", StreamingCheckpointIO()
+        io.save_checkpoint({"global_step": 1, "w": torch.ones(10**5)}, dest)
+        write = lambda: io.save_checkpoint({"global_step": 2, "w": torch.zeros(10**5)}, dest)  # noqa: E731
+        error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+        def half_way(obj, f, *a, **kw):
+            Path(f).write_bytes(b"PK\x03\x04 half a zip")
+            raise error
+
+        monkeypatch.setattr(torch, "save", half_way)
+    else:
+        dest, model = tmp_path / "hf_model", build_model(Glm4MoeConfig(), seed=0)
+        save_pretrained(model, dest)
+        data = SimpleNamespace(tokenizer=synthetic_tokenizer())
+        write = lambda: export_hf(model, data, None, dest)  # noqa: E731
+        error = OSError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        def half_way(tensors, filename, *a, **kw):
+            Path(filename).write_bytes(b"half a shard")
+            raise error
+
+        monkeypatch.setattr("mtrain.models.checkpoint.save_file", half_way)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    monkeypatch.setattr(mtrain.disk, "free_bytes", lambda path: 100_000)  # less than either write needs
+    with pytest.raises(DiskFull) as e:
+        write()
+    assert str(e.value).startswith(f"no space left on the device for the {writer} {dest}: it needs ")
+    assert "100 kB were free there" in str(e.value) and "\n" not in str(e.value) and e.value.__cause__ is error
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # as it was
+
+    if writer == "checkpoint":  # with room to spare the same message is no full disk: the writer's error stands
+        monkeypatch.setattr(mtrain.disk, "free_bytes", lambda path: 10**12)
+        with pytest.raises(RuntimeError, match="unexpected pos"):
+            write()
+        assert torch.load(dest, weights_only=True)["global_step"] == 1
+    else:
+        from_pretrained(dest)
 
 
 def test_a_resumed_csv_log_keeps_the_rows_before_the_resume(tmp_path):

@@ -18,6 +18,7 @@ _EXPORTS = {
     "start_job": "build",
     "tokenizer_source": "build",
     "uses_cuda": "build",
+    "export_bytes": "outputs",
     "export_hf": "outputs",
     "finish": "outputs",
     "write_json": "records",

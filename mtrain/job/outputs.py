@@ -10,7 +10,9 @@ from typing import Callable, Optional
 import torch
 
 from mtrain.data import MTrainDataModule, save_tokenizer
+from mtrain.disk import reporting_full_disk
 from mtrain.lit.checkpoint_io import wait_for_checkpoints
+from mtrain.lit.loggers import finish_loggers
 from mtrain.models import MoECausalLM, save_pretrained
 from mtrain.parallel import export_hf as export_sharded
 from mtrain.parallel import is_sharded
@@ -19,9 +21,10 @@ from mtrain.job.records import write_json
 
 def finish(run_dir: Path, metrics: dict, files: dict, t_start: float, rank_zero: bool,
            summary: Callable[[dict], None], last_step_at: Optional[float] = None) -> dict:
-    """The end of every training job: wall time and files into ``metrics``, ``metrics.json`` and the printed summary
-    (rank 0); returns ``metrics``. ``last_step_at``: ``perf_counter()`` at the end of the last training step, for
-    ``seconds.after_last_step`` (what the job's end costs: final validation, checkpoint, export)."""
+    """The end of every training job: wall time and files into ``metrics``, the final metrics and plots to the
+    loggers, ``metrics.json`` and the printed summary (rank 0); returns ``metrics``. ``last_step_at``:
+    ``perf_counter()`` at the end of the last training step, for ``seconds.after_last_step`` (what the job's end
+    costs: final validation, checkpoint, export)."""
     writes = wait_for_checkpoints()  # the last write overlapped the job's end; it is on disk from here
     if isinstance(metrics.get("seconds"), dict):
         metrics["seconds"]["checkpoint_wait_at_end"] = round(writes.waited_s, 3)  # what the job still waited for it
@@ -33,6 +36,9 @@ def finish(run_dir: Path, metrics: dict, files: dict, t_start: float, rank_zero:
         metrics["checkpoint_write_mb_per_s"] = round(writes.written_bytes / 1e6 / max(writes.written_s, 1e-9), 1)
     metrics["wall_s"] = time.perf_counter() - t_start
     metrics["files"] = files
+    loggers = finish_loggers(run_dir, metrics, rank_zero)  # final metrics and plots to W&B, MLflow, TensorBoard
+    if loggers:
+        files["loggers"] = loggers
     if rank_zero:
         write_json(run_dir / "metrics.json", metrics)
         summary(metrics)
@@ -50,7 +56,8 @@ def export_hf(
 
     A sharded model (``trainer=fsdp``) is streamed (``mtrain.parallel.export_hf``: one parameter gathered at a time,
     rank 0 writes): call it on every rank; it returns ``dest`` on rank 0 and None elsewhere. ``dtype``: write the
-    weights in this dtype (the gate keeps its policy dtype)."""
+    weights in this dtype (the gate keeps its policy dtype). A disk too full for it: :class:`mtrain.disk.DiskFull`, and
+    the previous ``dest`` stays whole."""
     tok_file = None
     if tokenizer_from is not None:
         tok_file = tokenizer_from / "tokenizer.json" if tokenizer_from.is_dir() else tokenizer_from
@@ -64,6 +71,17 @@ def export_hf(
             if side.is_file():
                 shutil.copyfile(side, folder / name)
 
-    if is_sharded(model):
-        return export_sharded(model, dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype, extra=tokenizer_files)
-    return save_pretrained(model, dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype, extra=tokenizer_files)
+    with reporting_full_disk(dest, lambda: export_bytes(model, dtype), "export"):  # a full disk: one line
+        if is_sharded(model):
+            return export_sharded(model, dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype,
+                                  extra=tokenizer_files)
+        return save_pretrained(model, dest, tokenizer_file=tok_file, overwrite=True, dtype=dtype, extra=tokenizer_files)
+
+
+def export_bytes(model: MoECausalLM, dtype: Optional[torch.dtype] = None) -> int:
+    """About what an HF export of ``model`` takes: its tensors, floating ones in ``dtype`` if given."""
+    def nbytes(t: torch.Tensor) -> int:
+        itemsize = dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size()
+        return t.numel() * itemsize
+
+    return sum(nbytes(t) for t in [*model.parameters(), *model.buffers()])

@@ -4,12 +4,16 @@ the seconds the config takes to compose, not after Lightning's import (which tak
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Any
+
 from omegaconf import DictConfig, OmegaConf
 
 from mtrain.config import ConfigError
 from mtrain.data.config import to_data_config
 from mtrain.lit.profilers import check_profiler
 from mtrain.parallel.launch import check_launch, uses_fsdp
+from mtrain.schema import LOGGER_SCHEMAS
 
 
 def check_model_job(cfg: DictConfig, multirun: bool) -> None:
@@ -27,3 +31,13 @@ def check_model_job(cfg: DictConfig, multirun: bool) -> None:
         raise ConfigError("trainer.fsdp_reshard_after_forward=false applies to trainer=fsdp only: drop it, or add "
                           "trainer=fsdp")
     to_data_config(cfg.data).validate()
+    check_loggers(cfg.get("logger"))
+
+
+def check_loggers(loggers: Any) -> None:
+    """A logger whose package is not installed (``logger=wandb`` without wandb) is refused before the job starts."""
+    for name in loggers or ():
+        need = LOGGER_SCHEMAS[name].PACKAGES
+        if need and not any(importlib.util.find_spec(p) for p in need):
+            raise ConfigError(f"logger={name} needs the {need[0]} package, which is not installed. Fix: pip install "
+                              f"{need[0]}, or leave {name} out of logger=")

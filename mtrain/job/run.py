@@ -11,12 +11,14 @@ from omegaconf import DictConfig
 
 from mtrain.config import ConfigError, PrecisionPlan, prepare_run
 from mtrain.data.errors import DataError
+from mtrain.disk import DiskFull
 from mtrain.lit.errors import TrainingDiverged
 from mtrain.models.checkpoint import CheckpointError
 from mtrain.parallel.errors import ParallelError
 
-# Errors in what the user asked for (config, data, checkpoint, launch): reported as one line, never a traceback.
-UserError = (ConfigError, CheckpointError, DataError, ParallelError, TrainingDiverged)
+# Errors in what the user asked for (config, data, checkpoint, launch) or what the machine has (disk space):
+# reported as one line, never a traceback.
+UserError = (ConfigError, CheckpointError, DataError, ParallelError, TrainingDiverged, DiskFull)
 
 
 def user_error(e: BaseException) -> bool:

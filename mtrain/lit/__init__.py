@@ -6,8 +6,11 @@ from mtrain._lazy import lazy_exports
 _EXPORTS = {
     "LossCurve": "callbacks",
     "make_checkpoint": "callbacks",
-    "make_loggers": "callbacks",
     "plot_loss_curve": "callbacks",
+    "close_loggers": "loggers",
+    "csv_log": "loggers",
+    "finish_loggers": "loggers",
+    "make_loggers": "loggers",
     "MoELitModule": "module",
     "WarmupCosine": "module",
     "param_groups": "module",

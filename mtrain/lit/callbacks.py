@@ -1,8 +1,7 @@
-"""Callbacks and loggers of a run, and the loss-curve PNG."""
+"""Callbacks of a run, and the loss-curve PNG (the loggers: ``mtrain.lit.loggers``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -15,11 +14,9 @@ from typing import Optional, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mtrain.lit.checkpoint_io import BackgroundCheckpointIO
-from mtrain.lit.csvlog import KeepingCSVLogger
 from mtrain.lit.errors import TrainingDiverged
 from mtrain.lit.manifest import write_manifest
 from mtrain.parallel.launch import requeue_signals
@@ -68,19 +65,6 @@ class LossCurve(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self.write(pl_module)
-
-
-def tensorboard_available() -> bool:
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
-
-
-def make_loggers(run_dir: Path, resume: bool = False) -> list[Logger]:
-    """CSV logs in ``<run dir>/csv/metrics.csv`` (a resumed run continues them); TensorBoard in
-    ``<run dir>/tensorboard/`` if it is installed."""
-    loggers: list[Logger] = [KeepingCSVLogger(save_dir=str(run_dir), name="csv", version="", keep=resume)]
-    if tensorboard_available():
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False))
-    return loggers
 
 
 def excluded(pl_module: L.LightningModule, kind: str, seconds: float) -> None:

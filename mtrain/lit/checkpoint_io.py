@@ -1,5 +1,5 @@
 """Checkpoint files written by streaming ``torch.save`` into a temporary file that is renamed over the target, in a
-background thread.
+background thread. A write that runs out of disk space stops the job with one line (``mtrain.disk.DiskFull``).
 
 Lightning's own save (``_atomic_save``) first serializes the whole checkpoint into an in-memory buffer and then
 copies the buffer to disk: for a 3.1B-parameter model with its AdamW moments that is a 19 GB buffer, twice the host
@@ -29,6 +29,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 
+from mtrain.disk import reporting_full_disk
+
 _LIVE: "weakref.WeakSet[BackgroundCheckpointIO]" = weakref.WeakSet()
 
 
@@ -39,15 +41,23 @@ class StreamingCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with reporting_full_disk(path, lambda: tensor_bytes(checkpoint), "checkpoint"):  # a full disk: one line
+            try:
+                torch.save(checkpoint, tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
 
 
 _GIB = 2**30
+
+
+def tensor_bytes(checkpoint: Any) -> int:
+    """The bytes of the tensors in ``checkpoint``: what its file takes, less a little for the rest."""
+    sizes: list[int] = []
+    apply_to_collection(checkpoint, torch.Tensor, lambda t: sizes.append(t.numel() * t.element_size()))
+    return sum(sizes)
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from mtrain.data.sampler import ResumeData
 from mtrain.lit.checkpoint_io import BackgroundCheckpointIO
 from mtrain.lit.profilers import make_profiler
-from mtrain.lit.callbacks import FiniteGuard, StepProgressBar, StopOnSignal, make_checkpoint, make_loggers
+from mtrain.lit.callbacks import FiniteGuard, StepProgressBar, StopOnSignal, make_checkpoint
+from mtrain.lit.loggers import make_loggers
 from mtrain.parallel.lightning import trainer_kwargs
 
 log = logging.getLogger("mtrain")
@@ -75,8 +76,9 @@ def build_trainer(
     multirun: bool = False,
     **overrides: Any,
 ) -> L.Trainer:
-    """A ``lightning.Trainer`` from ``cfg.trainer`` (its keys are Trainer kwargs) with the run's loggers/callbacks;
-    ``resume``: the fit resumes a checkpoint (the CSV log continues the run dir's own)."""
+    """A ``lightning.Trainer`` from ``cfg.trainer`` (its keys are Trainer kwargs) with the run's callbacks and the
+    loggers of ``cfg.logger`` (``loggers=False``: none); ``resume``: the fit resumes a checkpoint (the CSV log and
+    the W&B/MLflow runs continue the run dir's own)."""
     quiet_lightning()
     kw: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     kw.update(overrides)
@@ -100,7 +102,7 @@ def build_trainer(
         kw["plugins"] = [BackgroundCheckpointIO()]  # written in a thread: the loop waits for a host copy only
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
-        logger=make_loggers(run_dir, resume) if loggers else False,
+        logger=make_loggers(cfg, run_dir, resume) if loggers else False,
         callbacks=cbs,
         enable_checkpointing=checkpoint,
         enable_model_summary=False,  # the tasks log their own one-line summary (total and active parameters)

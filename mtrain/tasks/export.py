@@ -9,7 +9,8 @@ import logging
 from pathlib import Path
 
 from mtrain.config import ConfigError
-from mtrain.job import Job, model_from_config
+from mtrain.disk import reporting_full_disk
+from mtrain.job import Job, export_bytes, model_from_config
 from mtrain.models import CheckpointError, save_pretrained
 from mtrain.models.checkpoint import read_precision_record
 
@@ -22,10 +23,11 @@ def run(job: Job) -> dict:
     model = model_from_config(cfg.model, plan.policy, seed=cfg.seed)
     tokenizer = Path(cfg.model.checkpoint) / "tokenizer.json" if cfg.model.checkpoint else None
     try:
-        save_pretrained(
-            model, dest, max_shard_size=cfg.task.max_shard_size,
-            tokenizer_file=tokenizer if tokenizer is not None and tokenizer.is_file() else None,
-        )
+        with reporting_full_disk(dest, lambda: export_bytes(model), "export"):
+            save_pretrained(
+                model, dest, max_shard_size=cfg.task.max_shard_size,
+                tokenizer_file=tokenizer if tokenizer is not None and tokenizer.is_file() else None,
+            )
     except CheckpointError as e:
         raise ConfigError(f"task.path: {e}") from None
     record = read_precision_record(dest)

@@ -24,7 +24,7 @@ from mtrain.data.rollout_formats import FORMATS, DeclaredLayout
 from mtrain.data.rollouts import FileSettings, ModelShape, RolloutRow, check_groups, read_rollout_file
 from mtrain.data.rewards import exact_match, resolve_reward, score
 from mtrain.job import Job, Setup, export_hf, finish, greedy_accuracy, start_job
-from mtrain.lit import MoELitModule, build_trainer
+from mtrain.lit import MoELitModule, build_trainer, csv_log
 from mtrain.lit.grpo import GRPOModule, GRPOSettings
 from mtrain.lit.resume import check_resume, resume_path
 from mtrain.models import MoECausalLM, build_model
@@ -307,7 +307,7 @@ def run(job: Job) -> dict[str, Any]:
     metrics["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     files = {"run_dir": str(out), "metrics": str(out / "metrics.json"), "rollouts": str(rollouts_file),
              **({"rollout_batches": str(out / "rollout_batches.jsonl")} if t.dump_rollouts else {}),
-             "csv_log": str(Path(trainer.loggers[0].log_dir) / "metrics.csv"), "checkpoints": str(out / "checkpoints")}
+             "csv_log": csv_log(trainer), "checkpoints": str(out / "checkpoints")}
     files |= plot_curves(lit, out, f"grpo {cfg.model.name}, rl={'on' if plan.rl else 'off'}, {engine.describe()}")
     if t.export and trainer.is_global_zero:
         files["hf_model"] = str(export_hf(model, dm, s.tokenizer_from, out / "hf_model"))
@@ -394,6 +394,7 @@ def print_summary(m: dict[str, Any]) -> None:
           f"(mean of last 10 steps), {acc}; {mis}")
     for key, value in (("run dir", m["files"]["run_dir"]), ("metrics", "metrics.json"),
                        ("curves", "reward_curve.png, mismatch_curve.png"), ("rollouts", "rollouts.jsonl"),
-                       ("logs", "csv/metrics.csv"), ("HF model", "hf_model/" if m["files"].get("hf_model") else None)):
+                       ("logs", "csv/metrics.csv" if m["files"].get("csv_log") else None),
+                       ("HF model", "hf_model/" if m["files"].get("hf_model") else None)):
         if value:
             print(f"  {key:<12} {value}")

@@ -2,7 +2,7 @@
 
 data -> model (``model.checkpoint`` or random init) -> [accuracy before] -> fit (AdamW, warm-up + cosine, clipping
 and accumulation from ``trainer``, val loss, checkpoints last + best, resume from ``task.ckpt_path``) -> final val
-loss -> [accuracy after] -> HF export -> ``metrics.json``, ``loss_curve.png``, CSV (+TensorBoard) logs.
+loss -> [accuracy after] -> HF export -> ``metrics.json``, ``loss_curve.png``, the ``logger=`` logs (CSV).
 
 Loss: mean cross-entropy over target tokens only; prompt/response data (the synthetic task, JSONL with
 ``prompt``/``response``) has targets on the response (and eos) only, so the prompt never reaches the loss.
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from mtrain.config import ConfigError
 from mtrain.job import Job, accuracy_examples, export_hf, finish, greedy_accuracy, start_job
-from mtrain.lit import LossCurve, MoELitModule, build_trainer
+from mtrain.lit import LossCurve, MoELitModule, build_trainer, csv_log
 from mtrain.lit.resume import check_resume, resume_path
 from mtrain.models.flops import peak_tflops
 
@@ -115,7 +114,7 @@ def run(job: Job) -> dict[str, Any]:
         "run_dir": str(out),
         "metrics": str(out / "metrics.json"),
         "loss_curve": str(curve.written) if curve.written else None,
-        "csv_log": str(Path(trainer.loggers[0].log_dir) / "metrics.csv"),
+        "csv_log": csv_log(trainer),
         "checkpoints": str(out / "checkpoints") if t.checkpoints else None,
         "best_checkpoint": ckpt_cb.best_model_path or None if ckpt_cb is not None else None,
     }
@@ -142,7 +141,9 @@ def print_summary(m: dict[str, Any]) -> None:
     tps = f", {tps:,.0f} tokens/s" if tps else ""
     print(f"\nmtrain sft: {m['steps']} steps in {m['wall_s']:.0f} s: {loss}{val}{acc}{tps}")
     rows = [("run dir", f["run_dir"]), ("metrics", "metrics.json"),
-            ("loss curve", "loss_curve.png" if f["loss_curve"] else None), ("logs", "csv/metrics.csv"),
+            ("loss curve", "loss_curve.png" if f["loss_curve"] else None),
+            ("logs", "csv/metrics.csv" if f.get("csv_log") else None),
+            *((name, where) for name, where in f.get("loggers", {}).items() if name != "csv"),
             ("checkpoints", "checkpoints/ (last.ckpt, best by val/loss)" if f["checkpoints"] else None),
             ("HF model", "hf_model/" if f.get("hf_model") else None)]
     for key, value in rows:
