@@ -50,8 +50,9 @@ def main() -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
         sec = m["seconds"]
         row = {"bench": "grpo_cli", "overrides": overrides, "wall_s": round(wall, 2), "steps": m["steps"],
-               "seconds": {k: sec[k] for k in ("fit", "rollout", "old_logprobs", "update", "eval", "warm_start")
-                           if k in sec},
+               "eval_seconds": m.get("eval_seconds"),
+               "seconds": {k: sec[k] for k in ("fit", "rollout", "old_logprobs", "update", "eval", "warm_start",
+                                               "engine_warmup") if k in sec},
                "seconds_per_step": round(sec["fit"] / max(1, m["steps"]), 3),
                **{k: m[k] for k in KEYS if k in m}}
         rows.append(row)

@@ -109,6 +109,7 @@ class GRPOModule(L.LightningModule):
         self.evals: list[tuple[int, float]] = []  # (RL step, held-out accuracy)
         self.seconds = {"rollout": 0.0, "old_logprobs": 0.0, "update": 0.0, "eval": 0.0}
         self.decode_steps = 0
+        self.eval_seconds: list[float] = []
         if ref_model is not None:
             for p in ref_model.parameters():
                 p.requires_grad_(False)
@@ -269,7 +270,8 @@ class GRPOModule(L.LightningModule):
     def _evaluate(self, step: Optional[int] = None) -> float:
         t0 = self._now()
         acc = self.evaluate(self.model)
-        self.seconds["eval"] += self._now() - t0
+        self.eval_seconds.append(self._now() - t0)
+        self.seconds["eval"] += self.eval_seconds[-1]
         self.evals.append((self.rl_step if step is None else step, acc))
         return acc
 

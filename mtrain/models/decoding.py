@@ -147,6 +147,12 @@ class Decoder:
             return n
         return next((b for b in BUCKETS if b >= n and b <= self.cap), self.cap)
 
+    def warmup(self) -> None:
+        """Compile the kernels once (Triton JIT, the first graph captures) before anything is timed: a one-prompt,
+        three-token generate, sampled and greedy."""
+        for temperature in (1.0, 0.0):
+            self.generate([[0, 1]], max_new_tokens=3, temperature=temperature)
+
     # -- generate -------------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_ids: Sequence[int] = (),
                  pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Generation:

@@ -261,6 +261,10 @@ def run(job: Job) -> dict[str, Any]:
     # the held-out greedy eval decodes with the fast engine: the rollout engine when it is one (it holds the
     # weights of the last hand-over), else a fast engine over the policy itself
     eval_engine = engine if isinstance(engine, FastEngine) else FastEngine(model=model, eos_ids=eos, pad_id=dm.pad_id)
+    t_warm = time.perf_counter()
+    for e in {id(engine): engine, id(eval_engine): eval_engine}.values():
+        e.warmup()  # kernel compilation, before the fit's clock
+    seconds["engine_warmup"] = round(time.perf_counter() - t_warm, 3)
     ref = frozen_copy(model, plan) if t.kl_coef > 0 else None  # the policy at RL start
     val = [{"prompt": e["prompt"], "response": str(e["answer"])} for e in val_prompts if "answer" in e]
     val = val[: t.max_accuracy_examples]
@@ -300,6 +304,7 @@ def run(job: Job) -> dict[str, Any]:
     seconds |= lit.seconds
     engine.close()
     metrics["engine"] = engine.describe()
+    metrics["eval_seconds"] = [round(x, 3) for x in lit.eval_seconds]  # each held-out eval
     metrics["time_share"] = {k: round(lit.seconds[k] / seconds["fit"], 4) if seconds["fit"] > 0 else None
                              for k in ("rollout", "old_logprobs", "update", "eval")}
 

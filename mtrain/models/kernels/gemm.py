@@ -16,8 +16,8 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["M"])
 def _matmul(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, s_am, s_bn, s_cm,
             HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)  # the row tiles of one weight strip run next to each other: the strip is read once
+    pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -39,10 +39,14 @@ def _matmul(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, s_am, s_bn, s_cm,
 
 
 def config(N: int, K: int, dtype: torch.dtype) -> dict:
-    """Tiles for a weight of N rows and K columns (a function of the weight only)."""
+    """Tiles for a weight of N rows and K columns (a function of the weight only): strips narrow enough that a
+    decode step's product has >= ~128 programs reading the weight (bandwidth), wide for the lm_head."""
     if dtype == torch.float32:
-        return dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2)
-    return dict(BM=64, BN=64 if N < 32768 else 128, BK=64, num_warps=4, num_stages=4)
+        return dict(BM=16, BN=16, BK=32, num_warps=2, num_stages=2)
+    bn = 16
+    while bn < 128 and N // (2 * bn) >= 128:
+        bn *= 2
+    return dict(BM=64, BN=bn, BK=64, num_warps=4, num_stages=4)
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,7 +60,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     if M == 0:
         return out
     cfg = config(N, K, x.dtype)
-    grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]))
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))
     _matmul[grid](x, w, out, bias if bias is not None else out, M, N, K, x.stride(0), w.stride(0), out.stride(0),
                   HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, **cfg)
     return out

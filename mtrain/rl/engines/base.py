@@ -63,6 +63,9 @@ class RolloutEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take new weights (an engine without weights of its own ignores them)."""
 
+    def warmup(self) -> None:
+        """Pay one-time costs (kernel compilation) before the first timed rollout."""
+
     def close(self) -> None:
         """Free what the engine holds."""
 

@@ -170,6 +170,9 @@ class FastEngine(ModelEngine):
                                     pad_id=self.pad_id, temperature=s.temperature, top_p=s.top_p, seed=request.seed)
         return gen, self.decoder.steps_run
 
+    def warmup(self) -> None:
+        self.decoder.warmup()
+
     def describe(self) -> str:
         return f"fast ({'exact, ' if self.exact else ''}{'CUDA graphs' if self.decoder.graphs_on else 'eager'})"
 
