@@ -218,3 +218,20 @@ def test_bad_routing_settings_are_one_line_config_errors(overrides, needle):
     with pytest.raises(ConfigError) as e:
         check_model_job(job.cfg, multirun=False)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_csv_rows_of_one_step_are_one_row_also_across_a_flush(tmp_path):
+    """The routing metrics and Lightning's train/loss of a step land in one row, also when the first of them was
+    flushed to the file already (every 100 steps)."""
+    from mtrain.lit.csvlog import KeepingCSVLogger
+
+    logger = KeepingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    logger.log_metrics({"routing/maxvio": 0.5}, step=0)
+    logger.log_metrics({"train/loss": 4.0}, step=0)
+    logger.log_metrics({"routing/maxvio": 0.25}, step=99)  # step 99: the logger flushes to the file
+    logger.log_metrics({"train/loss": 3.0}, step=99)  # flushed again: joins the row in the file
+    logger.log_metrics({"train/loss": 2.0}, step=100)
+    logger.save()
+    rows = read_csv(tmp_path / "csv" / "metrics.csv")
+    assert [(r["step"], r["routing/maxvio"], r["train/loss"]) for r in rows] == [
+        ("0", "0.5", "4.0"), ("99", "0.25", "3.0"), ("100", "", "2.0")]
