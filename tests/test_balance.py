@@ -212,3 +212,28 @@ def test_load_metrics_by_hand():
 def test_bad_settings_name_the_field(bad, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("[", r"\[")):
         BalanceSettings(**bad)
+
+
+def test_the_tap_losses_and_bias_update_never_read_a_tensor_on_the_host():
+    """On the GPU a host read is a sync. What runs per layer and per step (the tap, the losses, the bias update) runs
+    here on fake tensors, which have no values: a read of one (``.item()``, a boolean index, ``if t:``) fails. The
+    window is read once per logging step, by :meth:`RouterStats.packed`'s caller."""
+    import types
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mtrain.models.moe import SigmoidGroupRouter
+
+    for lb in ("aux", "seq_aux", "global_aux"):
+        with FakeTensorMode():
+            blocks = [types.SimpleNamespace(layer_idx=i, tap=None, gate=SigmoidGroupRouter(
+                16, 8, 2, True, n_group=1, topk_group=1, norm_topk_prob=True, scaling=1.0)) for i in (1, 2)]
+            model = types.SimpleNamespace(model=types.SimpleNamespace(
+                layers=[types.SimpleNamespace(is_moe=True, mlp=b) for b in blocks]))
+            stats = RouterStats(BalanceSettings(load_balancing=lb, z_loss_coef=1e-3, bias_update=True)).attach(model)
+            stats.expect(torch.ones(3, 6, dtype=torch.bool))
+            for block in blocks:
+                stats(block, torch.randn(18, 8, requires_grad=True), torch.randint(0, 8, (18, 2)), torch.Size([3, 6]))
+            stats.loss(reduce=lambda t: t * 1).backward()
+            stats.update_bias(1e-3, reduce=lambda t: t * 1)
+            assert stats.packed().shape == (2 * 8 * 2 + 3 * 2,)

@@ -128,9 +128,10 @@ def seq_load_balancing_loss(
         counts = counts + torch.zeros(B, E, device=p.device).scatter_add_(1, e.reshape(B, -1), onehot_w.reshape(B, -1))
         prob_sum = prob_sum + (p.float() * mask[..., None]).sum(1)
     rows = mask.sum(1) * len(probs)  # [B]
-    has = rows > 0
-    per_seq = num_experts * (counts[has] / rows[has, None] * (prob_sum[has] / rows[has, None])).sum(-1)
-    return per_seq.mean() if per_seq.numel() else prob_sum.sum() * 0
+    has = (rows > 0).float()  # weights, not a boolean index: no host sync on the GPU
+    n = rows.clamp(min=1)[:, None]
+    per_seq = num_experts * (counts / n * (prob_sum / n)).sum(-1)
+    return (per_seq * has).sum() / has.sum().clamp(min=1)
 
 
 def router_z_loss(logits: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
