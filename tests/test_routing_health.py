@@ -235,3 +235,15 @@ def test_csv_rows_of_one_step_are_one_row_also_across_a_flush(tmp_path):
     rows = read_csv(tmp_path / "csv" / "metrics.csv")
     assert [(r["step"], r["routing/maxvio"], r["train/loss"]) for r in rows] == [
         ("0", "0.5", "4.0"), ("99", "0.25", "3.0"), ("100", "", "2.0")]
+
+
+def test_grpo_bias_update_reaches_the_engine_before_its_next_rollout(tmp_path):
+    """GRPO (manual optimisation) updates the bias at each optimizer step; the hand-over after the updates gives
+    the engine the new bias, so under rl=on its next rollout routes every token as the trainer's recompute does."""
+    m, run = run_task(tmp_path, "grpo", *GRPO, "rl=on", "trainer.max_steps=3", "model.routing.bias_update=true",
+                      "model.routing.bias_update_rate=0.05", "task.reward=test_grpo.digit_reward")
+    bias = torch.tensor(m["routing"]["expert_bias"])
+    assert bias.abs().max() >= 0.05 and ((bias / 0.05).round() * 0.05 - bias).abs().max() < 1e-5
+    rows = [r for r in read_csv(run / "csv" / "metrics.csv") if r.get("mismatch/routing_disagreement")]
+    assert len(rows) == 3 and all(r["routing/maxvio"] != "" for r in rows)  # one row per RL step
+    assert all(float(r["mismatch/routing_disagreement"]) == 0.0 for r in rows)
