@@ -114,25 +114,29 @@ def test_seq_aux_is_the_mean_of_each_sequences_loss():
 
 
 def test_global_aux_mean_over_ranks_is_the_loss_of_the_whole_batch():
-    """Two ranks each hold half the batch; ``reduce`` sums their counts: the mean of their losses (what data
-    parallelism averages) equals the one-process loss of the whole batch, in value and gradient."""
+    """Two ranks each hold half the batch, with different numbers of real tokens; ``reduce`` sums over them: the
+    mean of their losses (what data parallelism averages) equals the one-process loss of the whole batch, in value
+    and gradient."""
     logits = _logits(B=4, S=5)
-    whole = _ours(logits, 2)
+    mask = torch.ones(20)
+    mask[3:10] = 0  # rank 0: 3 real tokens of 10, rank 1: 10 of 10
+    whole = _ours(logits, 2, mask)
     g_whole = torch.autograd.grad(whole, logits)
-    halves = [[x[:10] for x in logits], [x[10:] for x in logits]]
+    halves = [([x[:10] for x in logits], mask[:10]), ([x[10:] for x in logits], mask[10:])]
     with torch.no_grad():
-        totals = []
-        for h in halves:
-            probs = [x.softmax(-1) for x in h]
-            c = sum(torch.bincount(p.topk(2, -1).indices.reshape(-1), minlength=8).float() for p in probs)
-            totals.append(torch.cat([c, torch.tensor([10.0 * len(h)])]))
-        summed = totals[0] + totals[1]
-    mean = sum(_ours(h, 2, reduce=lambda t: summed) for h in halves) / 2
+        sent = []
+        for h, m in halves:
+            c = sum(torch.zeros(8).scatter_add_(0, x.softmax(-1).topk(2, -1).indices.reshape(-1),
+                                                m.repeat_interleave(2)) for x in h)
+            sent.append(torch.cat([c, (m.sum() * len(h)).reshape(1), torch.ones(1)]))
+        summed = sent[0] + sent[1]
+    mean = sum(_ours(h, 2, m, reduce=lambda t: summed) for h, m in halves) / 2
     torch.testing.assert_close(mean, whole, rtol=1e-6, atol=0)
     for a, b in zip(torch.autograd.grad(mean, logits), g_whole):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
-    local = sum(_ours(h, 2) for h in halves) / 2
+    local = sum(_ours(h, 2, m) for h, m in halves) / 2
     assert not torch.allclose(local, whole)  # without the sum over ranks it is another loss
+    assert _ours(logits, 2, mask, reduce=lambda t: t) == whole  # one process: aux
 
 
 def test_z_loss_is_the_mean_squared_logsumexp_over_real_tokens():

@@ -6,8 +6,9 @@ load metrics. Pure torch; the routing these read comes from the forward itself (
   top-k choices: ``sum_i f_i = top_k``) and ``P_i`` the mean routing probability of expert ``i``, both pooled over
   the MoE layers and the real (unmasked) tokens. Only ``P`` carries a gradient. ``aux``: over the batch;
   ``seq_aux``: per sequence, then the mean over sequences (DeepSeek-V3's sequence-wise loss, in this scale);
-  ``global_aux``: ``f`` from the token counts summed over the data-parallel group (``reduce``), ``P`` local, so the
-  ranks' mean is the loss of the global batch. The routing probability is the router's own
+  ``global_aux``: ``f`` from the token counts summed over the data-parallel group (``reduce``), each rank's ``P``
+  weighted by its share of the group's tokens, so the ranks' mean is the loss of the global batch (N processes take
+  the step one process takes on the whole batch, as with the language-model loss). The routing probability is the router's own
   (:meth:`mtrain.models.moe.Router.probs`): the softmax for Qwen3-MoE, the sigmoid scores normalised over the experts
   for GLM4-MoE.
 * **Router z-loss** (ST-MoE): the mean over layers and real tokens of ``logsumexp(router logits)**2``.
@@ -96,19 +97,22 @@ def load_balancing_loss(
     reduce: Optional[Reduce] = None,
 ) -> torch.Tensor:
     """``num_experts * sum_i f_i P_i`` over every layer's tokens: ``probs[l]`` [T, E] routing probabilities,
-    ``experts[l]`` [T, k] the experts chosen, ``mask`` [T] (1 = a real token; None: all). ``reduce`` (global_aux):
-    ``f`` from the counts and token numbers summed over the data-parallel ranks."""
+    ``experts[l]`` [T, k] the experts chosen, ``mask`` [T] (1 = a real token; None: all). ``reduce`` (global_aux): a
+    sum over the data-parallel ranks; ``f`` and the token count are the group's, and the mean of the ranks' values is
+    the loss of the whole group's batch."""
     counts = torch.zeros(num_experts, device=probs[0].device)
     prob_sum = torch.zeros(num_experts, device=probs[0].device)
     rows = torch.zeros((), device=probs[0].device)
     for p, e in zip(probs, experts):
         c, s, n = _sums(p, e, num_experts, mask)
         counts, prob_sum, rows = counts + c, prob_sum + s, rows + n
-    local_rows = rows
-    if reduce is not None:
-        both = reduce(torch.cat([counts, rows.reshape(1)]))
-        counts, rows = both[:-1], both[-1]
-    return num_experts * torch.sum(counts / rows * (prob_sum / local_rows))
+    if reduce is None:
+        return num_experts * torch.sum(counts / rows * (prob_sum / rows))
+    # global: f and the token count over the ranks; this rank's P weighted by its share of the global tokens (x the
+    # world size, which data parallelism divides by), so the ranks' mean is the loss of the global batch
+    summed = reduce(torch.cat([counts, rows.reshape(1), torch.ones(1, device=counts.device)]))
+    counts, rows, world = summed[:-2], summed[-2], summed[-1]
+    return num_experts * torch.sum(counts / rows * (prob_sum * world / rows))
 
 
 def seq_load_balancing_loss(
