@@ -247,3 +247,27 @@ def test_grpo_bias_update_reaches_the_engine_before_its_next_rollout(tmp_path):
     rows = [r for r in read_csv(run / "csv" / "metrics.csv") if r.get("mismatch/routing_disagreement")]
     assert len(rows) == 3 and all(r["routing/maxvio"] != "" for r in rows)  # one row per RL step
     assert all(float(r["mismatch/routing_disagreement"]) == 0.0 for r in rows)
+
+
+def test_fsdp_two_ranks_balance_as_one_process_on_the_whole_batch(tmp_path):
+    """trainer=fsdp on 2 processes (gloo) with the bias update and global_aux: the bias moves from the counts of
+    both ranks, the loss of the global batch is trained and the logged load is both ranks' -- the same steps, counts
+    and biases as one process on the whole batch."""
+    import test_parallel as tp
+    from conftest import LIT, run_cli, train_losses
+
+    args = [*LIT, "trainer.max_steps=3", "task.checkpoints=false", "task.export=false",
+            "model.routing.bias_update=true", "model.routing.bias_update_rate=0.01",
+            "model.routing.load_balancing=global_aux", "model.routing.aux_loss_coef=0.1"]
+    two = tp.torchrun(["-m", "mtrain", *args, "trainer.devices=2", "data.batch_size=4",
+                       f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-6000:]
+    one = run_cli([*args, "trainer.devices=1", "data.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"],
+                  cwd=tmp_path, timeout=180)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-6000:]
+    torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "two")), torch.tensor(train_losses(tmp_path / "one")),
+                               rtol=1e-5, atol=1e-5)
+    assert read_csv(tmp_path / "two" / "expert_load.csv") == read_csv(tmp_path / "one" / "expert_load.csv")
+    m2, m1 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
+    assert m2["world_size"] == 2 and m2["routing"]["expert_bias"] == m1["routing"]["expert_bias"]
+    assert max(abs(x) for x in m2["routing"]["expert_bias"][0]) > 0
