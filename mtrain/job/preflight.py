@@ -46,7 +46,7 @@ def check_routing(cfg: DictConfig) -> BalanceSettings:
     balancing loss in a task that does not take one."""
     s = routing_settings(cfg.model)
     task = cfg.task.name
-    if s.bias_update and task != "eval":
+    if s.bias_update and task in ("sft", "grpo"):  # the tasks that train
         family = get_family(cfg.model.name)
         if not routers_with_bias(build_model(family.config(), device="meta", init=False)):
             raise ConfigError(f"model.routing.bias_update=true: the routers of model={cfg.model.name} have no "

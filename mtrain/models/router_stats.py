@@ -85,10 +85,10 @@ class RouterStats:
         probs = moe.gate.probs(logits.float() if keep else logits.detach().float())
         with torch.no_grad():
             counts = expert_counts(idx, E, flat_mask)
-            w = flat_mask.to(torch.float64) if flat_mask is not None else None
-            p = probs.detach().double()
+            w = flat_mask.to(torch.float32) if flat_mask is not None else None  # per token in fp32, sums in fp64
+            p = probs.detach()
             entropy = torch.special.entr(p).sum(-1)
-            z = torch.logsumexp(logits.detach().double(), dim=-1).square()
+            z = torch.logsumexp(logits.detach().float(), dim=-1).square()
             sums = self._window(len(self.blocks), E, logits.device)
             sums["counts"][row] += counts
             sums["prob_sum"][row] += (p * w[:, None]).sum(0) if w is not None else p.sum(0)
