@@ -20,12 +20,25 @@ from mtrain.models.registry import FAMILIES, ModelFamily
 
 # -- model ----------------------------------------------------------------------------------------------------------
 @dataclass
+class RoutingConfig:
+    """``model.routing``: MoE load balancing and a frozen router (``mtrain.models.balance.BalanceSettings``); all off."""
+
+    load_balancing: str = "none"  # none | aux (batch) | seq_aux (per sequence) | global_aux (counts over the DP group)
+    aux_loss_coef: float = 1e-3  # weight of the load-balancing loss when load_balancing is not none (transformers')
+    z_loss_coef: float = 0.0  # weight of the router z-loss (mean logsumexp(router logits)^2); 0 = off
+    bias_update: bool = False  # aux-loss-free balancing: update the router's selection bias after each optimizer step
+    bias_update_rate: float = 1e-3  # bias += rate * sign(mean load - load_i), per layer
+    freeze_router: bool = False  # the router gate (and its bias) get no updates (SFT and GRPO)
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING  # a registered family: glm4_moe | qwen3_moe | ...
     checkpoint: Optional[str] = None  # null = random init; else a Hugging Face model folder
     dtype: Optional[str] = None  # float32 | bfloat16 | null (= follow trainer.precision)
     moe_gate_fp32: Optional[bool] = None  # null/interpolation = decided by mtrain.config.decide_precision()
     rope_fp32: Optional[bool] = None
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     arch: Any = MISSING  # the family's config dataclass
 
 

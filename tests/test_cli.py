@@ -125,6 +125,11 @@ _MAIN_THEN_LIGHTNING = (
          "mtrain: error: trainer.fsdp_reshard_after_forward=false applies to trainer=fsdp only"),
         (["task=eval", "data.batch_size=0"], None, "mtrain: error: data.batch_size=0 must be >= 1"),
         (["task=grpo", "trainer.profiler=x"], None, "mtrain: error: trainer.profiler='x' is not one of"),
+        (["model.routing.aux_loss_coef=-0.01"], None, "mtrain: error: model.routing.aux_loss_coef=-0.01 must be >= 0"),
+        (["model.routing.load_balancing=switch"], None,
+         "mtrain: error: model.routing.load_balancing='switch' is not one of none, aux, seq_aux, global_aux"),
+        (["task=grpo", "model=qwen3_moe", "model.routing.bias_update=true"], None,
+         "mtrain: error: model.routing.bias_update=true: the routers of model=qwen3_moe have no selection bias"),
     ],
 )
 def test_our_errors_are_one_line_exit_2_before_lightning_is_imported(tmp_path, args, env, first):

@@ -184,7 +184,7 @@ def test_sweep_summary_lists_accuracy_and_mismatch(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
     assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
     for row in rows:
-        assert row["val_accuracy"] != "" and row["mismatch_k3_mean"] != ""
+        assert row["val_accuracy"] != "" and row["mismatch_k3_mean"] != "" and row["routing_maxvio"] != ""
         if "rl=on" in row["overrides"]:  # fp32 on the CPU: the same experts, logprobs equal to float rounding (the
             # per-expert GEMMs see other row counts in a decode step than in the full recompute); bf16: bit for bit
             assert float(row["mismatch_routing_disagreement_max"]) == 0.0

@@ -30,6 +30,7 @@ def test_sweep_of_four_jobs_with_one_failure_writes_summary(tmp_path):
     for row in (rows[0], rows[1], rows[3]):
         assert row["error"] == "" and row["steps"] == "2" and float(row["val_loss"]) > 0
         assert 0.0 <= float(row["val_accuracy"]) <= 1.0
+        assert float(row["routing_maxvio"]) >= 0  # the final MaxVio of each job (routing health)
     md = (sweep / "summary.md").read_text()
     assert "4 jobs, 3 ok, 1 not ok" in md and md.count("\n| ") == 5  # header + 4 rows
     job_dir = next(sweep.glob("2_*"))

@@ -23,6 +23,7 @@ from mtrain.lit.clipping import clip_in_fused_step, is_fused, no_clip
 from mtrain.models import MoECausalLM, family_of, token_logprobs
 from mtrain.models.flops import eval_flops_per_token, train_flops_per_token
 from mtrain.models.loss import IGNORE_INDEX
+from mtrain.models.router_stats import RouterStats
 from mtrain.parallel import root_unsharded
 from mtrain.parallel.lightning import FSDPPlan
 
@@ -73,6 +74,8 @@ class MoELitModule(L.LightningModule):
 
     ``peak_tflops``: per-device peak for MFU (0 = don't log MFU). ``logprob_sink``: if set, validation computes
     per-token logprobs and calls ``logprob_sink(batch, logprobs)`` for every batch (``task=eval``).
+    ``router_losses``: adds the balancing / z losses of each batch's routing (``model.routing``) to the trained loss;
+    ``train/loss`` stays the language-model loss.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class MoELitModule(L.LightningModule):
         peak_tflops: float = 0.0,
         logprob_sink: Optional[Callable[[dict, torch.Tensor], None]] = None,
         sharding: Optional[FSDPPlan] = None,
+        router_losses: Optional[RouterStats] = None,
     ):
         super().__init__()
         self.model = model
@@ -96,6 +100,7 @@ class MoELitModule(L.LightningModule):
         self.weight_decay, self.betas, self.eps = weight_decay, tuple(betas), eps
         self.peak_tflops = float(peak_tflops or 0.0)
         self.logprob_sink = logprob_sink
+        self.router_losses = router_losses  # tapped into the model by mtrain.lit.routing.RoutingHealth
         # results, read by the tasks after fit/validate
         self.history: dict[str, list] = {"train": [], "val": []}  # (global step, loss)
         self.last_val: Optional[dict[str, float]] = None
@@ -165,6 +170,10 @@ class MoELitModule(L.LightningModule):
             total = sums[1].clamp(min=1)
             shown = sums[0] / total
             loss = loss * (count * world / total)
+        if self.router_losses is not None:  # load balancing / router z-loss of this batch (mtrain.models.balance)
+            extra = self.router_losses.loss(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+            if extra is not None:
+                loss = loss + extra
         self.history["train"].append((self.global_step + 1, shown))
         self.log("train/loss", shown, prog_bar=True)
         sched = self.lr_schedulers()

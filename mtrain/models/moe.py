@@ -100,6 +100,16 @@ class Router(nn.Module):
     def init_buffers(self) -> None:
         """Reset non-parameter state to its initial value (called by ``MoECausalLM.init_weights``)."""
 
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [T, E] -> each token's routing distribution over the experts [T, E] (rows sum to 1): what a
+        load-balancing loss weighs (:mod:`mtrain.models.balance`)."""
+        raise NotImplementedError
+
+    @property
+    def expert_bias(self) -> torch.Tensor | None:
+        """The fp32 bias added to the scores for selection only (aux-loss-free balancing updates it), or None."""
+        return None
+
 
 class SoftmaxTopKRouter(Router):
     """Qwen3-MoE: softmax over all experts, top-k, optional renormalisation."""
@@ -118,6 +128,9 @@ class SoftmaxTopKRouter(Router):
             weights = weights / ops.slot_sum(weights)
         return weights, idx
 
+    def probs(self, logits):
+        return logits.softmax(dim=-1)
+
 
 class SigmoidGroupRouter(Router):
     """GLM4-MoE (DeepSeek-V3 style): sigmoid scores; experts chosen on ``scores + bias`` within the ``topk_group``
@@ -135,6 +148,15 @@ class SigmoidGroupRouter(Router):
 
     def init_buffers(self) -> None:
         self.e_score_correction_bias.zero_()
+
+    @property
+    def expert_bias(self):
+        return self.e_score_correction_bias
+
+    def probs(self, logits):
+        """The sigmoid scores normalised over all experts (DeepSeek-V3's sequence-wise balance loss)."""
+        scores = logits.sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True)
 
     def route(self, logits, idx=None):
         scores = logits.sigmoid()
@@ -186,6 +208,7 @@ class MoE(nn.Module):
         super().__init__()
         self.gate, self.experts, self.shared_experts = gate, experts, shared_experts
         self.layer_idx = -1  # set by the decoder layer: the key of this layer in a RoutingTrace
+        self.tap = None  # an observer of the routing (mtrain.models.router_stats.RouterStats), or None
 
     def forward(self, x: torch.Tensor, trace: RoutingTrace | None = None) -> torch.Tensor:
         shape = x.shape
@@ -194,6 +217,8 @@ class MoE(nn.Module):
         weights, idx, logits, own = self.gate(x, forced)  # [T, k], [T, k], [T, E], [T, k] or None
         if trace is not None:
             trace.record(self.layer_idx, idx, logits, shape[:-1], own)
+        if self.tap is not None:  # load counts and balancing losses from this routing (no extra forward)
+            self.tap(self, logits, idx, shape[:-1])
         y = self.experts(x, weights, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

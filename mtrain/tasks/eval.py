@@ -21,7 +21,9 @@ import torch
 from mtrain.config import ConfigError
 from mtrain.data import IGNORE
 from mtrain.job import Job, accuracy_examples, greedy_accuracy, start_job, write_json
+from mtrain.job.preflight import routing_settings
 from mtrain.lit import MoELitModule, build_trainer
+from mtrain.lit.routing import RoutingHealth
 from mtrain.models.flops import peak_tflops
 
 SPLITS = ("auto", "val", "train")
@@ -43,7 +45,8 @@ def run(job: Job) -> dict[str, Any]:
         model.compile_layers()
     lit = MoELitModule(model, peak_tflops=peak_tflops(t.peak_tflops, s.cuda), logprob_sink=writer, sharding=s.fsdp)
     extra = {"limit_val_batches": t.max_batches} if t.max_batches else {}
-    trainer = build_trainer(cfg, out, checkpoint=False, multirun=job.multirun, **extra)
+    health = RoutingHealth.of(routing_settings(cfg.model), out, every=cfg.trainer.log_every_n_steps, mode="eval")
+    trainer = build_trainer(cfg, out, checkpoint=False, multirun=job.multirun, callbacks=[health], **extra)
     try:
         trainer.validate(lit, dataloaders=loader, verbose=False)
     finally:
@@ -74,7 +77,10 @@ def run(job: Job) -> dict[str, Any]:
         acc = greedy_accuracy(model, dm, examples, device=s.device, batch_size=t.gen_batch_size,
                               max_new_tokens=t.max_new_tokens)
         metrics.update({"accuracy": acc["accuracy"], "accuracy_examples": acc["n"], "accuracy_samples": acc["samples"]})
+    metrics.update(health.results())  # routing_maxvio, ... over the whole evaluation
     files = {"run_dir": str(out), "metrics": str(out / "metrics.json")}
+    if trainer.is_global_zero:
+        files |= health.plot(out, f"eval {cfg.model.name}")  # expert_load.png, maxvio_curve.png
     if writer is not None:
         files["token_logprobs"] = str(writer.path)
     metrics["wall_s"] = time.perf_counter() - t_start
@@ -85,6 +91,8 @@ def run(job: Job) -> dict[str, Any]:
         line = f"loss {loss:.4f}, perplexity {metrics['ppl']:.3f}" if loss is not None and math.isfinite(loss) else "no tokens"
         if "accuracy" in metrics:
             line += f", accuracy {100 * metrics['accuracy']:.1f}% ({metrics['accuracy_examples']} examples)"
+        if metrics.get("routing_maxvio") is not None:
+            line += f", MaxVio {metrics['routing_maxvio']:.3f}"
         tps = metrics.get("tokens_per_s_steady") or metrics.get("tokens_per_s")
         if tps:
             line += f", {tps:,.0f} tokens/s"

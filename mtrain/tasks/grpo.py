@@ -27,6 +27,8 @@ from mtrain.job import Job, Setup, export_hf, finish, greedy_accuracy, start_job
 from mtrain.lit import MoELitModule, build_trainer, csv_log
 from mtrain.lit.grpo import GRPOModule, GRPOSettings
 from mtrain.lit.resume import check_resume, resume_path
+from mtrain.job.preflight import routing_settings  # routing health (issue 31)
+from mtrain.lit.routing import RoutingHealth  # routing health (issue 31)
 from mtrain.models import MoECausalLM, build_model
 from mtrain.plots import figure
 from mtrain.rl import ADVANTAGE_MODES, KL_KINDS, LOSS_AGG_MODES, POLICY_LOSS_KINDS, CorrectionConfig
@@ -291,9 +293,11 @@ def run(job: Job) -> dict[str, Any]:
     if ckpt:
         check_resume(ckpt, lit)
     updates = settings.updates_per_step
+    # routing health (issue 31): load metrics every RL step, bias update / frozen router per model.routing
+    health = RoutingHealth.of(routing_settings(cfg.model), out, every=updates, step_of=lambda tr, m: m.rl_step - 1)
     trainer = build_trainer(
         cfg, out, has_val=False, checkpoint=t.checkpoints, checkpoint_every=t.checkpoint_every_n_steps * updates,
-        resume=bool(ckpt),
+        resume=bool(ckpt), callbacks=[health],
         multirun=job.multirun,
         max_steps=cfg.trainer.max_steps * updates, gradient_clip_val=None, accumulate_grad_batches=1,
         val_check_interval=None,
@@ -314,6 +318,8 @@ def run(job: Job) -> dict[str, Any]:
              **({"rollout_batches": str(out / "rollout_batches.jsonl")} if t.dump_rollouts else {}),
              "csv_log": csv_log(trainer), "checkpoints": str(out / "checkpoints")}
     files |= plot_curves(lit, out, f"grpo {cfg.model.name}, rl={'on' if plan.rl else 'off'}, {engine.describe()}")
+    metrics |= health.results()  # routing health (issue 31)
+    files |= health.plot(out, f"grpo {cfg.model.name}") if trainer.is_global_zero else {}  # routing health (issue 31)
     if t.export and trainer.is_global_zero:
         files["hf_model"] = str(export_hf(model, dm, s.tokenizer_from, out / "hf_model"))
     return finish(out, metrics, files, t_start, trainer.is_global_zero, print_summary)

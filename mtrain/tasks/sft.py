@@ -16,8 +16,10 @@ from typing import Any
 
 from mtrain.config import ConfigError
 from mtrain.job import Job, accuracy_examples, export_hf, finish, greedy_accuracy, start_job
+from mtrain.job.preflight import routing_settings
 from mtrain.lit import LossCurve, MoELitModule, build_trainer, csv_log
 from mtrain.lit.resume import check_resume, resume_path
+from mtrain.lit.routing import RoutingHealth
 from mtrain.models.flops import peak_tflops
 
 log = logging.getLogger("mtrain")
@@ -62,15 +64,17 @@ def run(job: Job) -> dict[str, Any]:
             model.compile_layers()
         else:  # compiled after sharding, in configure_model
             s.fsdp.compile = True
+    health = RoutingHealth.of(routing_settings(cfg.model), out, every=cfg.trainer.log_every_n_steps)
     lit = MoELitModule(
         model, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
         betas=tuple(t.betas), eps=t.eps, peak_tflops=peak_tflops(t.peak_tflops, s.cuda), sharding=s.fsdp,
+        router_losses=health.losses,
     )
     if ckpt:
         check_resume(ckpt, lit, sharded=s.fsdp is not None)
     has_val = dm.val_set is not None
     curve = LossCurve(out / "loss_curve.png", title=f"sft {cfg.model.name} on {dm.cfg.name} data")
-    trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve], checkpoint=t.checkpoints,
+    trainer = build_trainer(cfg, out, has_val=has_val, callbacks=[curve, health], checkpoint=t.checkpoints,
                             save_top_k=t.save_top_k, checkpoint_every=t.checkpoint_every_n_steps or None, resume=bool(ckpt),
                             multirun=job.multirun)
     t_fit = time.perf_counter()
@@ -101,6 +105,7 @@ def run(job: Job) -> dict[str, Any]:
     })
     if lit.peak_tflops > 0 and lit.train_seconds > 0:
         metrics["mfu"] = lit.train_flops / lit.train_seconds / (lit.peak_tflops * 1e12)
+    metrics.update(health.results())  # routing_maxvio, ... of the last logging window
     seconds["final_validation"] = time.perf_counter() - t_after
     if examples:
         t0 = time.perf_counter()
@@ -118,6 +123,8 @@ def run(job: Job) -> dict[str, Any]:
         "checkpoints": str(out / "checkpoints") if t.checkpoints else None,
         "best_checkpoint": ckpt_cb.best_model_path or None if ckpt_cb is not None else None,
     }
+    if trainer.is_global_zero:
+        files |= health.plot(out, f"sft {cfg.model.name}")  # expert_load.png, maxvio_curve.png
     if t.export and (trainer.is_global_zero or s.fsdp is not None):  # a sharded export needs every rank
         t0 = time.perf_counter()
         dest = export_hf(model, dm, s.tokenizer_from, out / "hf_model", dtype=s.fsdp.param_dtype if s.fsdp else None)
@@ -139,11 +146,13 @@ def print_summary(m: dict[str, Any]) -> None:
     loss = f"train loss {first:.3f} -> {last:.3f}" if first is not None else "no training steps"
     tps = m.get("tokens_per_s_steady") or m.get("tokens_per_s")
     tps = f", {tps:,.0f} tokens/s" if tps else ""
-    print(f"\nmtrain sft: {m['steps']} steps in {m['wall_s']:.0f} s: {loss}{val}{acc}{tps}")
+    vio = f", MaxVio {m['routing_maxvio']:.3f}" if m.get("routing_maxvio") is not None else ""
+    print(f"\nmtrain sft: {m['steps']} steps in {m['wall_s']:.0f} s: {loss}{val}{acc}{tps}{vio}")
     rows = [("run dir", f["run_dir"]), ("metrics", "metrics.json"),
             ("loss curve", "loss_curve.png" if f["loss_curve"] else None),
             ("logs", "csv/metrics.csv" if f.get("csv_log") else None),
             *((name, where) for name, where in f.get("loggers", {}).items() if name != "csv"),
+            ("routing", "expert_load.png, maxvio_curve.png, expert_load.csv" if f.get("expert_load") else None),
             ("checkpoints", "checkpoints/ (last.ckpt, best by val/loss)" if f["checkpoints"] else None),
             ("HF model", "hf_model/" if f.get("hf_model") else None)]
     for key, value in rows:
