@@ -80,7 +80,7 @@ class Decoder:
         self.out_tok = torch.zeros(C, self.cols + 1, dtype=torch.long, device=dev)  # + a scratch column
         self.out_lp = torch.zeros(C, self.cols + 1, dtype=torch.float32, device=dev)
         self.out_route = torch.full((C, self.cols + 1, L, k), -1, dtype=torch.long, device=dev)
-        self.slot_buf = torch.full((C,), self.cap, dtype=torch.long, device=dev)
+        self.slot_buf = torch.full((_cpu_padded(C, True),), self.cap, dtype=torch.long, device=dev)
         self.seed_buf = torch.zeros((), dtype=torch.long, device=dev)
         self.max_new_buf = torch.zeros((), dtype=torch.long, device=dev)
         self.eos_buf = torch.full((8,), -1, dtype=torch.long, device=dev)
@@ -144,7 +144,7 @@ class Decoder:
 
     def _bucket(self, n: int) -> int:
         if not self.graphs_on:
-            return n
+            return _cpu_padded(n, self.exact and self.device.type != "cuda")
         return next((b for b in BUCKETS if b >= n and b <= self.cap), self.cap)
 
     def warmup(self) -> None:
@@ -211,13 +211,12 @@ class Decoder:
         rows = torch.repeat_interleave(torch.arange(len(prompts), device=dev), torch.tensor(lens, device=dev))
         pos = torch.cat([torch.arange(n, device=dev) for n in lens])
         self.prefill_tokens = ids.numel()
+        pad = self.exact and self.device.type != "cuda"
         hs, routes = [], []
         for a in range(0, ids.numel(), PREFILL_TOKENS):
             b = a + PREFILL_TOKENS
-            self.cache.bind(rows[a:b], pos[a:b])
             trace = RoutingTrace() if self.moe else None
-            hs.append(self.model.hidden_states(ids[None, a:b], position_ids=pos[None, a:b], cache=self.cache,
-                                               trace=trace)[0])
+            hs.append(forward_tokens(self.model, self.cache, ids[a:b], rows[a:b], pos[a:b], trace, pad, self.cap))
             if trace is not None:
                 routes.append(trace.stacked()[0])
         ends = torch.tensor(lens, device=dev).cumsum(0) - 1
@@ -243,6 +242,34 @@ class Decoder:
             routing = torch.zeros((B, N, 0, 0), dtype=torch.long, device=dev)
         return Generation(tokens, logprobs, routing, lengths, [list(p) for p in prompts], longest + max_new,
                           prompt_routing)
+
+
+def _cpu_padded(n: int, pad: bool) -> int:
+    """``n`` rounded up to a multiple of :data:`ops.CPU_TOKENS` when ``pad`` (exact mode on the CPU)."""
+    return -(-n // ops.CPU_TOKENS) * ops.CPU_TOKENS if pad else n
+
+
+def forward_tokens(model: MoECausalLM, cache: StaticCache, ids, rows, pos, trace: RoutingTrace | None, pad: bool,
+                   pad_row: int) -> torch.Tensor:
+    """Hidden states [T, H] of a flat list of tokens (slot ``rows``, position ``pos``) through ``cache``. With
+    ``pad`` (exact mode on the CPU) the list is first padded to a multiple of :data:`ops.CPU_TOKENS` with tokens of
+    slot ``pad_row`` at position 0 (their keys land in that scratch slot; a replay trace's ids are padded with -1);
+    the padding is cut from the result and from the trace."""
+    n = ids.numel()
+    extra = _cpu_padded(n, pad) - n
+    if extra:
+        ids = torch.cat([ids, ids.new_zeros(extra)])
+        rows = torch.cat([rows, rows.new_full((extra,), pad_row)])
+        pos = torch.cat([pos, pos.new_zeros(extra)])
+        if trace is not None and trace.mode == "replay":
+            trace.ids = {i: torch.cat([v, v.new_full((1, extra, v.shape[-1]), -1)], dim=1) for i, v in trace.ids.items()}
+    cache.bind(rows, pos)
+    h = model.hidden_states(ids[None], position_ids=pos[None], cache=cache, trace=trace)[0]
+    if extra and trace is not None:
+        for store in (trace.ids, trace.own):
+            for i in list(store):
+                store[i] = store[i][:, :n]
+    return h[:n]
 
 
 class _Flat:
@@ -278,7 +305,8 @@ def score(model: MoECausalLM, gen: Generation, *, trace: RoutingTrace | None = N
     ids = torch.cat([torch.cat([torch.tensor(p, device=dev), gen.tokens[b, : n_gen[b]]])
                      for b, p in enumerate(gen.prompts)])
     pos = torch.cat([torch.arange(lens[b] + n_gen[b], device=dev) for b in range(B)])
-    cache = StaticCache.for_model(model, B, max(lens[b] + n_gen[b] for b in range(B)))
+    cache = StaticCache.for_model(model, B + 1, max(lens[b] + n_gen[b] for b in range(B)))  # + a padding slot
+    pad = exact and dev.type != "cuda"
     replay = trace is not None and trace.mode == "replay"
     layers = model.moe_layers
     recorded: dict[int, list] = {i: [] for i in layers}
@@ -287,12 +315,11 @@ def score(model: MoECausalLM, gen: Generation, *, trace: RoutingTrace | None = N
     with eager(), ops.invariant(exact), ops.fused():
         for a in range(0, ids.numel(), chunk_tokens):
             b = a + chunk_tokens
-            cache.bind(flat.row[a:b], pos[a:b])
             t = None
             if trace is not None:
                 t = RoutingTrace.replay({i: trace.ids[i][flat.row[a:b], flat.position[a:b]][None] for i in layers}) \
                     if replay else RoutingTrace()
-            hs.append(model.hidden_states(ids[None, a:b], position_ids=pos[None, a:b], cache=cache, trace=t)[0])
+            hs.append(forward_tokens(model, cache, ids[a:b], flat.row[a:b], pos[a:b], t, pad, B))
             if t is not None:
                 for i in layers:
                     (own if replay else recorded)[i].append((t.own if replay else t.ids)[i][0])

@@ -27,6 +27,10 @@ import torch.nn.functional as F
 from . import kernels
 
 CPU_ROWS = 16  # the CPU's invariant matmul multiplies blocks of this many rows
+# In exact mode on the CPU every forward runs on a multiple of this many tokens (padding tokens added): torch's CPU
+# element-wise kernels compute a tensor's tail (its last size % SIMD-width elements) with scalar code, whose exp/silu/
+# cos can differ from the vector code by an ulp, so a token's numbers would depend on where it falls in the batch.
+CPU_TOKENS = 32
 _invariant = False
 _fused = False
 
@@ -76,8 +80,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*shape[:-1], weight.shape[0])
 
 
-def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """[M, K] @ [N, K].T as ceil(M / CPU_ROWS) GEMMs of exactly CPU_ROWS rows each (the last one zero-padded)."""
+def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep_pad: bool = False
+                    ) -> torch.Tensor:
+    """[M, K] @ [N, K].T as ceil(M / CPU_ROWS) GEMMs of exactly CPU_ROWS rows each (the last one zero-padded).
+    ``keep_pad``: return the padded rows too (whole blocks for the element-wise ops after it)."""
     M, K = x.shape
     blocks = -(-M // CPU_ROWS)
     padded = x.new_zeros(blocks * CPU_ROWS, K)
@@ -86,7 +92,8 @@ def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     y = torch.bmm(padded.view(blocks, CPU_ROWS, K), weight.t().expand(blocks, K, weight.shape[0]))
     if bias is not None:
         y = y + bias
-    return y.reshape(blocks * CPU_ROWS, -1)[:M]
+    y = y.reshape(blocks * CPU_ROWS, -1)
+    return y if keep_pad else y[:M]
 
 
 # -- row-wise -----------------------------------------------------------------------------------------------------------
@@ -136,9 +143,9 @@ def experts_invariant(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     token = torch.arange(T * k, device=x.device) // k
     for e in flat.unique().tolist():
         pairs = (flat == e).nonzero().squeeze(1)
-        h = _blocked_linear(x[token[pairs]], gate_up[e], None)
+        h = _blocked_linear(x[token[pairs]], gate_up[e], None, keep_pad=True)  # whole blocks: no element-wise tail
         gate, up = h.chunk(2, dim=-1)
-        out[pairs] = _blocked_linear(F.silu(gate) * up, down[e], None)
+        out[pairs] = _blocked_linear(F.silu(gate) * up, down[e], None)[: pairs.numel()]
     per_slot = out.view(T, k, -1).float() * weights.float()[..., None]
     y = per_slot[:, 0]
     for j in range(1, k):
