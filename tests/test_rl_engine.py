@@ -56,8 +56,9 @@ def test_replaying_the_rollouts_buffer_routing_reproduces_the_trainer(family, en
     replayed, own = trainer_recompute(model, gen, trace=trace, scoring=scoring)
     if engine == "fast":
         torch.testing.assert_close(free, replayed, rtol=0, atol=1e-5)
-    else:
-        assert torch.equal(free, replayed) and torch.equal(free, gen.logprobs)
+    else:  # the exact engine equals the trainer's scoring bit for bit; the reference to fp32 CPU rounding
+        assert torch.equal(free, replayed)
+        assert torch.equal(free, gen.logprobs) if engine == "fast-exact" else (free - gen.logprobs).abs().max() < 1e-5
         assert torch.equal(own.masked_fill(~gen.mask[..., None, None], -1), gen.routing)
     shifted = {k: v.roll(1, dims=1) for k, v in gen.replay_ids(model.moe_layers).items()}
     wrong, _ = trainer_recompute(model, gen, trace=RoutingTrace.replay(shifted))

@@ -182,11 +182,11 @@ def test_the_bias_reaches_the_rollout_engine_in_fp32():
     from mtrain.models import Glm4MoeConfig, PrecisionPolicy, RoutingTrace, build_model
     from mtrain.models.balance import BalanceSettings
     from mtrain.models.router_stats import RouterStats
-    from mtrain.rl.rollout import RolloutEngine
+    from mtrain.rl.engines import FastEngine
 
     policy = PrecisionPolicy(gate_fp32=True, rope_fp32=True)
     trainer = build_model(Glm4MoeConfig(), dtype="bfloat16", policy=policy, seed=0)
-    engine = RolloutEngine.like(trainer, policy, "bfloat16", "recompute")
+    engine = FastEngine(copy_of=trainer, policy=policy, dtype="bfloat16")
     stats = RouterStats(BalanceSettings(bias_update=True)).attach(trainer)
     for _ in range(3):
         trainer.hidden_states(torch.randint(0, 64, (4, 8)))
