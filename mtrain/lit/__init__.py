@@ -9,8 +9,10 @@ _EXPORTS = {
     "make_loggers": "callbacks",
     "plot_loss_curve": "callbacks",
     "MoELitModule": "module",
-    "WarmupCosine": "module",
-    "param_groups": "module",
+    "OptimSettings": "optim",
+    "WarmupCosine": "optim",
+    "adamw_with_schedule": "optim",
+    "param_groups": "optim",
     "build_trainer": "trainer",
     "quiet_lightning": "trainer",
 }

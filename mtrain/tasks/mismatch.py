@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from mtrain.config import ConfigError
 from mtrain.data import DataError, build_datamodule, load_tokenizer
-from mtrain.job import Job, model_from_config
+from mtrain.job import Job, model_from_config, write_json
 from mtrain.models import PrecisionPolicy, build_model
 from mtrain.plots import figure
 from mtrain.rl.engines import RolloutRequest, SamplingConfig, build_engine
@@ -120,7 +120,7 @@ def run(job: Job) -> dict:
 
 def _write(out: Path, metrics: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)
     with open(out / "tokens.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["sequence"])
         writer.writeheader()
