@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from mtrain.config import ConfigError, PrecisionPlan, prepare_run
 from mtrain.data.errors import DataError
 from mtrain.lit.errors import TrainingDiverged
-from mtrain.models.checkpoint import CheckpointError
+from mtrain.models.errors import CheckpointError
 from mtrain.parallel.errors import ParallelError
 
 # Errors in what the user asked for (config, data, checkpoint, launch): reported as one line, never a traceback.
