@@ -151,13 +151,3 @@ def frozen_copy(model: MoECausalLM, plan) -> MoECausalLM:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref.eval()
-
-
-def frozen_copy(model: MoECausalLM, plan) -> MoECausalLM:
-    """A copy of ``model`` (same dtype, device and precision policy) that never trains."""
-    ref = build_model(model.config, dtype=model.output_weight.dtype, device=model.output_weight.device,
-                      policy=plan.policy, init=False)
-    ref.load_state_dict(model.state_dict())
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref.eval()
