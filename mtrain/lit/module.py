@@ -36,8 +36,8 @@ def _sync(device: torch.device) -> None:
 def on_host(value: float) -> torch.Tensor:
     """A Python number to ``self.log`` as a CPU tensor. Lightning turns a number into a tensor on the module's device,
     a blocking host-to-device copy, and keeps the metric on the device of the value it gets. Logged every step (the
-    learning rate, the throughput), that was a GPU sync a step: the compiled FSDP step on an H200 (fsdp_cli rows,
-    2026-11-29) spent 12 ms of each of these copies waiting for the queue to drain."""
+    learning rate, the throughput), that was a GPU sync a step: each copy waited for the GPU's queue to drain
+    (``benchmarks/RESULTS.md``, the ``fsdp_cli`` rows with logging)."""
     return torch.tensor(float(value))
 
 
