@@ -122,4 +122,4 @@ def resolve_reward(spec: Union[str, RewardFn], options: Optional[Mapping[str, An
     as is), with ``options`` (``task.reward_args``) bound to its keyword parameters. Unknown name, missing
     module/attribute, not callable, or an option it does not take -> ``RewardError``."""
     fn = REWARDS.get(spec)
-    return REWARDS.bind(fn, {}, options, where="task.reward_args") if options else fn
+    return REWARDS.bind(spec, {}, options, where="task.reward_args") if options else fn
