@@ -16,8 +16,15 @@ function is used, registered or not.
 **Options.** The keyword parameters of a piece are its options. Two kinds of value reach them (:meth:`Registry.bind`):
 what the framework hands every piece of the kind (the *context*, e.g. ``norm_std`` for advantages or ``clip_low`` for
 policy losses: a piece receives those it names), and the piece's own options from one free-form config node per
-kind (``task.advantage_args``, ``task.loss_args``, ...: ``task.advantage_args.scale=3`` on the command line, no
-``+`` needed). An option key the piece does not take is refused with one line naming the piece's options.
+kind (``task.advantage_args``, ``task.loss_args``, ...): ``task.advantage_args.scale=3`` on the command line, with
+no ``+`` (the schema leaves these nodes open while every other node refuses unknown keys), or in a yaml::
+
+    task:
+      advantage: my_adv
+      advantage_args: {scale: 3.0}
+
+The task's config check, before anything is built, refuses in one line a name that is not registered (listing those
+that are) and an option key the chosen piece does not take (listing its options).
 
 Free of torch, Lightning and Hydra: every layer can register.
 """

@@ -67,7 +67,7 @@ def run(job: Job) -> dict:
         name, exact = choose_engine(task.engine, task.exact, plan.rl, False)
     except ValueError as e:
         raise ConfigError(f"task.engine / task.exact: {e}") from None
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if task.device == "auto" else task.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if task.device == "auto" else str(task.device)
     trainer_rope = cfg.model.rope_fp32 if task.trainer_rope_fp32 is None else task.trainer_rope_fp32
     trainer_policy = PrecisionPolicy(gate_fp32=task.trainer_gate_fp32, rope_fp32=bool(trainer_rope))
     for policy in (plan.policy, trainer_policy):
