@@ -95,6 +95,7 @@ def test_multirun_failing_job_does_not_stop_the_sweep(cli, tmp_path):
         (["trainer.max_stepz=1"], "max_stepz"),
         (["model.arch.hidden_size=abc"], "hidden_size"),
         (["model=llama"], "model/llama"),
+        (["task=grpo", "task.routing_replay=r9", "--cfg", "job"], "routing_replay"),  # a closed choice: at compose
     ],
 )
 def test_config_errors_exit_nonzero_naming_the_key(cli, args, needle):

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from mtrain.config import ConfigError
 from mtrain.data import DataError, build_datamodule, load_tokenizer
 from mtrain.job import Job, model_from_config, write_json
+from mtrain.job.settings import settings_from
 from mtrain.models import PrecisionPolicy, build_model
 from mtrain.plots import figure
 from mtrain.rl.engines import RolloutRequest, SamplingConfig, build_engine
@@ -86,7 +87,7 @@ def run(job: Job) -> dict:
 
     engine = build_engine(name, model=rollout, eos_ids=eos, pad_id=pad_id, **({"exact": exact} if name == "fast"
                                                                               else {}))
-    sampling = SamplingConfig(task.max_new_tokens, task.temperature, task.top_p)
+    sampling = settings_from(SamplingConfig, task)
     out_rollout = engine.generate(RolloutRequest(prompts, sampling, seed=task.seed))
     gen, rollout_s = out_rollout.gen, out_rollout.seconds
     start = time.perf_counter()
