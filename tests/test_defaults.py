@@ -128,3 +128,14 @@ def test_a_bare_grpo_warm_starts_a_random_init_model_only(tmp_path):
     assert warm_start_steps(Job.prepare(compose_cfg(["task=grpo", f"model.checkpoint={tmp_path}",
                                                       "task.warm_start_steps=30"]))) == 30
     assert warm_start_steps(Job.prepare(compose_cfg(["task=grpo", "task.warm_start_steps=0"]))) == 0
+
+
+def test_a_random_init_run_without_warm_start_says_at_start_that_it_cannot_learn(tmp_path, caplog):
+    import logging
+
+    from test_grpo import grpo
+
+    with caplog.at_level(logging.WARNING, logger="mtrain"):
+        grpo(tmp_path, "trainer.max_steps=1", "task.eval_every=0")  # TINY: task.warm_start_steps=0
+    said = [r.getMessage() for r in caplog.records if "nothing to learn" in r.getMessage()]
+    assert len(said) == 1 and "task.warm_start_steps=0" in said[0]
