@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import batch, make_mtrain, mtrain_config  # noqa: E402
 from mtrain.lit.clipping import clip_in_fused_step  # noqa: E402
-from mtrain.lit.module import param_groups  # noqa: E402
+from mtrain.lit.optim import param_groups  # noqa: E402
 
 
 def ms(fn, iters: int = 10, warmup: int = 3) -> float:

@@ -50,7 +50,7 @@ def compose(overrides: list[str]):
 def bare_loop(overrides: list[str], warmup: int, steps: int) -> dict:
     """Tokens/s of fwd + bwd + clip + fused AdamW + schedule over ``steps`` steps after ``warmup``, on the job's data."""
     from mtrain.job import Job, start_job
-    from mtrain.lit.module import WarmupCosine, param_groups
+    from mtrain.lit.optim import WarmupCosine, param_groups
 
     job = Job.prepare(compose(overrides), tempfile.mkdtemp())
     cfg, s = job.cfg, start_job(job)

@@ -28,7 +28,7 @@ from mtrain.job.records import interruptions, write_json
 from mtrain.job.run import Job, user_error
 from mtrain.parallel.launch import requeue_signals, resume_request, slurm_requeue
 from mtrain.rundir import claim
-from mtrain.tasks import MODEL_TASKS, get_task
+from mtrain.tasks import MODEL_TASKS, check_task, get_task
 
 log = logging.getLogger("mtrain")
 
@@ -114,6 +114,7 @@ def run_job(cfg: DictConfig) -> dict:
         log.info("task=%s, run dir %s (resolved config: %s)", resolved.task.name, job.dir, path.name)
         if resolved.task.name in MODEL_TASKS:  # before the task's module (and Lightning) is imported: fails fast
             check_model_job(resolved, job.multirun)
+            check_task(job)
         with plan.job_env():
             result = get_task(resolved.task.name)(job)
         metrics = job.dir / "metrics.json"

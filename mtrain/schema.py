@@ -4,18 +4,76 @@ Hydra sets the struct flag, so a misspelled key or a wrong type under any group 
 logger) is refused at compose time with its name. Each ``conf/<group>/<option>.yaml`` starts from its schema
 (``defaults: [/schema/<group>/<option>@_here_]``; a logger's at ``@<name>``); ``model`` schemas are made from the
 model-family registry, so a new family gets its typed ``model.arch`` without an edit here.
+
+**Defaults have one home: here.** A yaml of ``conf/`` sets only what its option changes from this schema
+(``tests/test_config.py`` fails on a yaml value that restates the schema's, and on a runtime settings class whose
+default disagrees with the field of the same name here).
+
+**Choices.** A closed choice (``task.routing_replay``, ``task.rollout_correction.old_logprobs``,
+``task.rollout_format``, ...) is a :class:`Choice` (an enum of strings): ``--cfg job``, tab completion and a bad
+value at compose time know its values. A choice among registered pieces (``task.advantage``, ``task.loss``,
+``task.loss_agg``, ``task.kl_estimator``, ``task.rollout_correction.mode``, ``task.reward``, ``task.engine``) is a
+plain string, because a registry stays open (:mod:`mtrain.registry`: a name registered at runtime, or a dotted path,
+must be selectable); the task's config check refuses an unknown name in one line listing the registered ones, before
+Lightning is imported. Each such piece's own options go in one free-form node per kind (``task.advantage_args``,
+``task.loss_args``, ``task.loss_agg_args``, ``task.kl_estimator_args``, ``task.rollout_correction.args``,
+``task.reward_args``: :func:`options`), open to new keys from the command line without ``+``
+(``task.loss_args.my_option=3``); the config check refuses a key the chosen piece does not take.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, ClassVar, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mtrain.data.config import DataConfig
+from mtrain.data.rollout_formats import DTYPES as LAYOUT_DTYPES
+from mtrain.data.rollout_formats import ENCODINGS, FORMATS, LAYER_SETS, ORDERS
 from mtrain.models.registry import FAMILIES, ModelFamily
+from mtrain.rl.choices import OLD_LOGPROBS, REPLAY_MODES
+
+
+# -- choices --------------------------------------------------------------------------------------------------------
+class Choice(str, enum.Enum):
+    """A closed choice of the config: its members' names are their values (strings), so OmegaConf refuses any other
+    value at compose time, and a member compares and prints as its string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+def choice(name: str, values: tuple[str, ...]) -> type[Choice]:
+    """A :class:`Choice` named ``name`` (importable as ``mtrain.schema.<name>``: a pickled config refers to it)."""
+    made = Choice(name, {v: v for v in values}, module=__name__, qualname=name)  # type: ignore[call-overload]
+    globals()[name] = made
+    return made
+
+
+ReplayMode = choice("ReplayMode", REPLAY_MODES)
+OldLogprobs = choice("OldLogprobs", OLD_LOGPROBS)
+RolloutFormat = choice("RolloutFormat", (*FORMATS, "custom"))
+LayoutEncoding = choice("LayoutEncoding", ENCODINGS)
+LayoutDtype = choice("LayoutDtype", LAYOUT_DTYPES)
+LayoutLayers = choice("LayoutLayers", LAYER_SETS)
+LayoutOrder = choice("LayoutOrder", ORDERS)
+EvalSplit = choice("EvalSplit", ("auto", "val", "train"))
+Device = choice("Device", ("auto", "cpu", "cuda"))
+
+_OPEN = "mtrain_open"  # field metadata: a free-form node (struct off) for a piece's own options
+
+
+def options() -> Any:
+    """A field for one kind's free-form options node (``task.loss_args``, ...): any keys, set from the command line
+    without ``+``; the config check refuses a key the chosen piece does not take."""
+    return field(default_factory=dict, metadata={_OPEN: True})
 
 
 # -- model ----------------------------------------------------------------------------------------------------------
@@ -88,8 +146,8 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # a Lightning strategy name, or fsdp2 (trainer=fsdp: mtrain.parallel, ModelParallelStrategy)
     precision: str = "32-true"
-    max_steps: int = 100
-    val_check_interval: Any = 50  # int: every N training batches; float: fraction of an epoch
+    max_steps: int = 1200
+    val_check_interval: Any = 300  # int: every N training batches; float: fraction of an epoch
     check_val_every_n_epoch: Optional[int] = None  # None: val_check_interval counts steps across epochs
     log_every_n_steps: int = 10
     gradient_clip_val: Optional[float] = 1.0
@@ -158,7 +216,7 @@ class EvalTaskConfig(ModelTaskConfig):
     """``task=eval``: mean token loss / perplexity, tokens/s, optional per-token logprobs and accuracy."""
 
     name: str = "eval"
-    split: str = "auto"  # auto (val if there is one, else train) | val | train
+    split: EvalSplit = EvalSplit.auto  # auto (val if there is one, else train) | val | train
     max_batches: Optional[int] = None  # evaluate only the first N batches
     save_logprobs: bool = False  # write <run dir>/token_logprobs.jsonl (one line per row of each batch)
 
@@ -179,7 +237,7 @@ class MismatchTaskConfig(TaskConfig):
     # trainer's recompute bit for bit); null: on under rl=on
     trainer_gate_fp32: bool = True  # the trainer profile's gate (Megatron: fp32)
     trainer_rope_fp32: Optional[bool] = None  # null: the run's decision (model.rope_fp32)
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto  # auto | cpu | cuda
     dtype: Optional[str] = "bfloat16"  # what rollout engines run; null = model.dtype
 
 
@@ -197,14 +255,17 @@ class RolloutCorrectionConfig:
     """``task.rollout_correction``: IS weights / masks from the trainer's vs the engine's logprobs
     (mtrain.rl.corrections) and where the old policy comes from."""
 
-    mode: str = "off"  # off | token_tis | token_mask | seq_tis | seq_mask | geo_mask | k3_filter
-    old_logprobs: str = "decoupled"  # decoupled (trainer recompute + IS weight) | bypass (the engine's logprobs)
-    cap: float = 2.0  # TIS truncation C; the masks' default band is [1/C, C]
+    mode: str = "off"  # a registered correction: off | token_tis | token_mask (IcePop/MIS) | seq_tis | seq_mask |
+    # geo_mask | k3_filter | yours (mtrain.rl.corrections.register_correction)
+    old_logprobs: OldLogprobs = OldLogprobs.decoupled  # decoupled (trainer recompute + IS weight) | bypass (the
+    # engine's logprobs, no recompute)
+    cap: float = 2.0  # TIS truncation C; token_mask/seq_mask keep [lower, upper], default [1/C, C]
     lower: Optional[float] = None
     upper: Optional[float] = None
     geo_low: float = 0.999
     geo_high: float = 1.001
     k3_threshold: float = 0.01
+    args: Dict[str, Any] = options()  # the mode's own options (a mode you registered)
 
 
 @dataclass
@@ -220,67 +281,87 @@ class RolloutLayoutConfig:
     """``task.rollout_layout``: fields of ``routed_experts``' layout in a rollout file that override the declared
     format's (mtrain.data.rollout_formats; null = the format's own)."""
 
-    encoding: Optional[str] = None  # list | base64 | npy
-    dtype: Optional[str] = None  # int32 | int64 | uint8 | uint16 | by_experts (uint8 up to 256 experts, else uint16)
-    layers: Optional[str] = None  # all | moe
-    order: Optional[str] = None  # positions_first | layers_first
-    rows: Optional[str] = None  # seq_len-1 | padded (-1 rows after the routed positions)
+    encoding: Optional[LayoutEncoding] = None  # list | base64 | npy
+    dtype: Optional[LayoutDtype] = None  # int32 | int64 | uint8 | uint16 | by_experts (uint8 up to 256 experts,
+    # else uint16)
+    layers: Optional[LayoutLayers] = None  # all | moe
+    order: Optional[LayoutOrder] = None  # positions_first | layers_first
+    rows: Optional[str] = None  # seq_len-1 | padded (-1 rows after the routed positions; checked with the file)
     dense_zero: Optional[bool] = None  # layers=all: the dense layers' entries must read 0
 
 
 @dataclass
 class GRPOTaskConfig(OptimTaskConfig):
-    """``task=grpo``: RL fine-tuning with group-relative advantages on the embedded rollout path."""
+    """``task=grpo``: RL fine-tuning with group-relative advantages on the embedded rollout path. The defaults are a
+    short CPU run of the tiny model that learns: a random-init model is first warm-started with SFT (its exact-match
+    reward would stay 0), then ``trainer.max_steps`` RL steps (``conf/task/grpo.yaml`` sets them)."""
 
     name: str = "grpo"
-    lr: float = 1e-3
-    warmup_steps: int = 0
-    min_lr_ratio: float = 1.0  # constant after warm-up (RL recipes keep the lr flat)
+    compile: bool = False  # not yet under GRPO: rollout widths change every step (recompiles)
+    max_accuracy_examples: int = 200  # held-out prompts of the greedy accuracy (and the warm start's probe)
+    lr: float = 3e-4
+    warmup_steps: int = 10  # RL steps
+    min_lr_ratio: float = 0.1  # cosine decay to lr * 0.1 at the last RL step
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     # rollouts: prompts_per_step x group_size responses per RL step (trainer.max_steps = RL steps)
-    prompts_per_step: int = 16
+    prompts_per_step: int = 64
     group_size: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
-    engine: str = "auto"  # the rollout engine: auto (= fast; file with rollouts_path) | fast | recompute (the
-    # reference: the trainer's full forward per token, O(length^2)) | file
+    engine: str = "auto"  # a registered rollout engine: auto (= fast; file with rollouts_path) | fast | recompute
+    # (the reference: the trainer's full forward per token, O(length^2)) | file
     exact: Optional[bool] = None  # the fast engine on batch-invariant kernels (its logprobs and experts equal the
     # trainer's recompute bit for bit); null: on under rl=on
     rollout_dtype: Optional[str] = None  # the engine's dtype; null = model.dtype
     # updates
     ppo_epochs: int = 1
-    num_minibatches: int = 1  # optimizer steps per epoch (each on a shuffled slice of the step's responses)
-    advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce (no baseline)
+    num_minibatches: int = 4  # optimizer steps per epoch (each on a shuffled slice of the step's responses)
+    advantage: str = "grpo"  # a registered estimator: grpo | dr_grpo | rloo | reinforce (no baseline) | yours
+    # (mtrain.rl.advantages.register_advantage)
     norm_adv_by_std: bool = True  # grpo: divide by the group's std
-    loss: str = "ppo"  # ppo (token ratio) | gspo (sequence ratio)
+    advantage_args: Dict[str, Any] = options()  # the estimator's own options
+    loss: str = "ppo"  # a registered policy loss: ppo (token ratio) | gspo (sequence ratio) | yours
+    # (mtrain.rl.losses.register_policy_loss)
     clip_low: float = 0.2
     clip_high: float = 0.28  # clip-higher (DAPO); 0.2 = classic PPO
     dual_clip: Optional[float] = None  # e.g. 3.0: cap the loss of negative-advantage tokens at 3 |A|
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
-    kl_coef: float = 0.0  # > 0: KL to a frozen reference (the policy at the start of RL) is added
-    kl_estimator: str = "k3"  # k1 | k2 | k3
+    loss_args: Dict[str, Any] = options()  # the policy loss's own options
+    loss_agg: str = "token-mean"  # a registered aggregation: token-mean | seq-mean-token-mean |
+    # seq-mean-token-sum-norm (/ max_new_tokens) | yours (mtrain.rl.losses.register_loss_agg)
+    loss_agg_args: Dict[str, Any] = options()
+    kl_coef: float = 0.0  # > 0: KL to a frozen reference (the policy at the start of RL) is added; 0: none is built
+    kl_estimator: str = "k3"  # a registered estimator: k1 | k2 | k3 | yours (register_kl_estimator)
+    kl_estimator_args: Dict[str, Any] = options()
     # rewards and prompts
-    reward: str = "exact"  # exact | numeric | a dotted path package.module.function(prompt, response, example)
+    reward: str = "exact"  # a registered reward: exact | numeric | yours (mtrain.data.rewards.register_reward), or
+    # a dotted path package.module.function(prompt, response, example)
+    reward_args: Dict[str, Any] = options()  # the reward's own options (keyword arguments after example)
     reward_fn: Optional[Any] = None  # a Hydra node {_target_: package.module.function, ...}; wins over `reward`
     prompts_path: Optional[str] = None  # JSONL {"prompt", "answer"}; null = the synthetic task of data=
     val_prompts_path: Optional[str] = None  # JSONL held out for accuracy (synthetic: its val split)
-    warm_start_steps: int = 0  # SFT steps on data= before RL (the synthetic task: exact answers)
-    warm_start_lr: float = 3e-3
-    warm_start_accuracy: Optional[float] = None  # stop the warm start once greedy accuracy on train prompts reaches it
+    warm_start_steps: Optional[int] = None  # SFT steps on data= before RL at most; null: a random-init model (no
+    # model.checkpoint) is warm-started (mtrain.job.warm_start.AUTO_STEPS at most), a checkpoint is not; 0: none
+    warm_start_lr: float = 1e-3
+    warm_start_accuracy: Optional[float] = 0.35  # stop the warm start at the first check (every 10 steps) where
+    # greedy exact match on max_accuracy_examples train prompts reaches it (constant lr, not annealed); null: run
+    # all warm_start_steps
     # outputs
     eval_every: int = 20  # held-out greedy accuracy every N RL steps (and before/after)
     rollouts_every: int = 10  # append a sample of prompts/responses/rewards to rollouts.jsonl every N steps
     checkpoint_every_n_steps: int = 50  # RL steps between checkpoints (last.ckpt)
     checkpoints: bool = True  # false: no checkpoints at all (a throughput run nobody resumes)
-    # MoE RL against a rollout engine
-    routing_replay: str = "off"  # off | r3 (replay the rollout's experts) | r2 (replay the old-policy recompute's)
+    # MoE RL against a rollout engine (mtrain.rl.grpo, mtrain.rl.corrections, mtrain.data.rollouts)
+    routing_replay: ReplayMode = ReplayMode.off  # off | r3 (updates use the rollout's experts) | r2 (the
+    # old-policy recompute's experts)
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     inject_mismatch: InjectMismatchConfig = field(default_factory=InjectMismatchConfig)
-    rollouts_path: Optional[str] = None  # train on an external engine's rollouts (JSONL, mtrain.data.rollouts)
-    rollout_format: Optional[str] = None  # sglang | vllm | vllm_npy | fastdeploy | mtrain | custom; null: the file's
-    # header line declares it (routed_experts are refused when nothing does)
+    rollouts_path: Optional[str] = None  # train on an external engine's rollouts (JSONL, mtrain.data.rollouts;
+    # prompts_per_step x group_size lines a step)
+    rollout_format: Optional[RolloutFormat] = None  # sglang | vllm | vllm_npy | fastdeploy | mtrain | custom; null:
+    # the file's header line declares it (routed_experts are refused when nothing does)
     rollout_logprob_temperature: Optional[float] = None  # the temperature the file's logprobs were taken at; null:
     # the header's, else 1.0 (required for sglang/fastdeploy)
-    rollout_layout: RolloutLayoutConfig = field(default_factory=RolloutLayoutConfig)
+    rollout_layout: RolloutLayoutConfig = field(default_factory=RolloutLayoutConfig)  # docs/rollout-files.md
     dump_rollouts: bool = False  # write every step's full batch to rollout_batches.jsonl (the same format)
 
 
@@ -360,6 +441,22 @@ def model_schemas() -> dict[str, type]:
     return {name: model_schema(family) for name, family in FAMILIES.items()}
 
 
+def structured(schema: type) -> DictConfig:
+    """``OmegaConf.structured(schema)`` with the struct flag off on its free-form options nodes (:func:`options`),
+    so the command line adds keys to them without ``+`` while every other node refuses unknown keys."""
+    node = OmegaConf.structured(schema)
+    _open_options(node, schema)
+    return node
+
+
+def _open_options(node: DictConfig, schema: type) -> None:
+    for f in dataclasses.fields(schema):
+        if f.metadata.get(_OPEN):
+            OmegaConf.set_struct(node[f.name], False)
+        elif isinstance(node.get(f.name), DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node[f.name])):
+            _open_options(node[f.name], OmegaConf.get_type(node[f.name]))
+
+
 def register_schemas() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent: storing again replaces)."""
     cs = ConfigStore.instance()
@@ -367,6 +464,6 @@ def register_schemas() -> None:
     for name, node in model_schemas().items():
         cs.store(group="schema/model", name=name, node=node)
     for name, node in TASK_SCHEMAS.items():
-        cs.store(group="schema/task", name=name, node=node)
+        cs.store(group="schema/task", name=name, node=structured(node))
     for name, node in LOGGER_SCHEMAS.items():
         cs.store(group="schema/logger", name=name, node=node)

@@ -96,6 +96,7 @@ def test_multirun_failing_job_does_not_stop_the_sweep(cli, tmp_path):
         (["model.arch.hidden_size=abc"], "hidden_size"),
         (["model=llama"], "model/llama"),
         (["logger=[csv,comet]"], "logger/comet"),
+        (["task=grpo", "task.routing_replay=r9", "--cfg", "job"], "routing_replay"),  # a closed choice: at compose
     ],
 )
 def test_config_errors_exit_nonzero_naming_the_key(cli, args, needle):

@@ -19,7 +19,7 @@ from mtrain.job import Job
 
 TINY = ["task=grpo", "trainer.enable_progress_bar=false", "data.num_train=64", "data.num_val=16",
         "task.prompts_per_step=4", "task.group_size=4", "task.eval_every=2", "task.export=false",
-        "task.rollouts_every=1"]
+        "task.rollouts_every=1", "task.warm_start_steps=0"]
 
 
 def grpo(tmp_path, *overrides, name="run"):
@@ -112,7 +112,7 @@ def test_warm_start_stops_at_the_accuracy_target(tmp_path):
     common = ["trainer.max_steps=1", "task.eval_every=0", "task.warm_start_steps=30"]
     reached, _ = grpo(tmp_path, *common, "task.warm_start_accuracy=0.0", name="target")
     assert reached["warm_start"] == {"steps": 10, "train_accuracy": reached["warm_start"]["train_accuracy"]}
-    full, _ = grpo(tmp_path, *common, name="all")
+    full, _ = grpo(tmp_path, *common, "task.warm_start_accuracy=null", name="all")
     assert full["warm_start"] == {"steps": 30}
 
 

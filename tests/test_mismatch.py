@@ -154,6 +154,34 @@ def test_mismatch_task_writes_metrics_table_and_plots(tmp_path, monkeypatch, rl)
         assert saved["routing_disagreement"] == 0.0 and saved["logprob_abs_diff_max"] == 0.0
 
 
+def test_mismatch_metrics_json_is_strict_json_written_by_the_one_writer(tmp_path, monkeypatch):
+    """A non-finite metric (k3 of a diverged engine, say) is null in metrics.json, not NaN (which strict JSON readers
+    refuse), and the file is written the way every metrics.json is: through a temporary file renamed over it."""
+    import mtrain.tasks.mismatch as task
+
+    real = task.mismatch_metrics
+
+    def with_nan(*args, **kwargs):
+        metrics, rows = real(*args, **kwargs)
+        return metrics | {"kl_k3": float("nan")}, rows
+
+    written = []
+    monkeypatch.setattr(task, "mismatch_metrics", with_nan)
+    monkeypatch.setattr(task, "write_json", lambda path, data: written.append(path) or real_write(path, data))
+    from mtrain.job.records import write_json as real_write
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg(tmp_path, ["task=mismatch", "model=qwen3_moe", "task.num_prompts=2", "task.max_new_tokens=3"])
+    task.run(Job.prepare(cfg))
+    assert written == [tmp_path / "metrics.json"]
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.json")
+
+    saved = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert saved["kl_k3"] is None and saved["tokens"] > 0
+
+
 def test_mismatch_task_rejects_unknown_key(tmp_path, monkeypatch):
     from mtrain.config import ConfigError
     from mtrain.tasks.mismatch import run

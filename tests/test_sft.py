@@ -19,7 +19,7 @@ from mtrain.config import prepare_run
 from mtrain.data import DataConfig, DataError, build_datamodule, save_tokenizer, synthetic_tokenizer
 from mtrain.job import build_setup
 from mtrain.lit.checkpoint_io import wait_for_checkpoints
-from mtrain.lit import MoELitModule, WarmupCosine, build_trainer, param_groups
+from mtrain.lit import MoELitModule, OptimSettings, WarmupCosine, build_trainer, param_groups
 from mtrain.models.flops import active_params_per_token
 from mtrain.models import build_model, from_pretrained
 from mtrain.models import Glm4MoeConfig, Qwen3MoeConfig
@@ -62,7 +62,7 @@ class Probe(L.Callback):
 def _fit(job, run_dir, max_steps, ckpt_path=None):
     L.seed_everything(0, verbose=False)
     s = build_setup(job)
-    lit = MoELitModule(s.model, lr=1e-2, warmup_steps=2, weight_decay=0.1)
+    lit = MoELitModule(s.model, OptimSettings(lr=1e-2, warmup_steps=2, weight_decay=0.1))
     probe = Probe()
     trainer = build_trainer(job.cfg, run_dir, callbacks=[probe], max_steps=max_steps)
     trainer.fit(lit, datamodule=s.datamodule, ckpt_path=ckpt_path)
@@ -130,7 +130,7 @@ def test_bf16_true_keeps_fp32_gate_inside_training_step(tmp_path, monkeypatch, m
             return loss
 
     s = build_setup(job)
-    lit = Checked(s.model, lr=1e-3, warmup_steps=0)
+    lit = Checked(s.model, OptimSettings(lr=1e-3, warmup_steps=0))
     trainer = build_trainer(job.cfg, tmp_path, max_steps=2, checkpoint=False, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(lit, datamodule=s.datamodule)
     assert len(seen) == 2
@@ -150,7 +150,7 @@ def test_bf16_true_without_fp32_gate_runs_the_gate_in_bf16(tmp_path, monkeypatch
     orig = Router.logits
     monkeypatch.setattr(Router, "logits", lambda self, x: dtypes.append((self.weight.dtype, (o := orig(self, x)).dtype)) or o)
     s = build_setup(job)
-    lit = MoELitModule(s.model, lr=1e-3, warmup_steps=0)
+    lit = MoELitModule(s.model, OptimSettings(lr=1e-3, warmup_steps=0))
     trainer = build_trainer(job.cfg, tmp_path, max_steps=1, checkpoint=False, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(lit, datamodule=s.datamodule)
     assert dtypes and set(dtypes) == {(torch.bfloat16, torch.bfloat16)}
@@ -369,7 +369,7 @@ def test_clipping_folded_into_the_fused_adamw_step_equals_clip_then_step():
     """The GPU path clips by setting the fused AdamW's grad_scale (no separate scaling pass): the same update as
     clip_grad_norm_ + step, both when the norm is above the limit and below it."""
     from mtrain.lit.clipping import clip_in_fused_step, is_fused
-    from mtrain.lit.module import param_groups
+    from mtrain.lit.optim import param_groups
     from mtrain.models import Qwen3MoeConfig, build_model
 
     cfg = Qwen3MoeConfig()

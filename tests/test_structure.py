@@ -14,7 +14,7 @@ PKG = REPO_ROOT / "mtrain"
 
 # lowest first; a module may import its own layer (without a cycle) and any layer below it
 LAYERS = [
-    ("mtrain._lazy", "mtrain.plots", "mtrain.disk"),
+    ("mtrain._lazy", "mtrain.plots", "mtrain.disk", "mtrain.registry"),
     ("mtrain.models",),
     ("mtrain.data",),
     ("mtrain.rl",),

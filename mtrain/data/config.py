@@ -48,7 +48,7 @@ class DataConfig:
     eos_token: Optional[str] = None
     pad_token: Optional[str] = None
 
-    batch_size: int = 64
+    batch_size: int = 128
     num_workers: int = 0
     seed: int = 0
 

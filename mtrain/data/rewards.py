@@ -1,26 +1,29 @@
 """Reward functions for RL fine-tuning (GRPO): ``fn(prompt: str, response: str, example: dict) -> float``.
 
-``example`` is the prompt example (``mtrain.data.prompts``), ``{"prompt", "answer", ...}``. Built-in rewards,
-by name (``REWARDS``):
+``example`` is the prompt example (``mtrain.data.prompts``), ``{"prompt", "answer", ...}``. Rewards are registered
+by name (``REWARDS``, :func:`register_reward`; ``task.reward=<name>``); a reward's keyword parameters after
+``example`` are its options, set from ``task.reward_args`` (``task.reward_args.scale=2``; :mod:`mtrain.registry`).
+The built-in ones:
 
   * ``exact``: ``exact_match`` -- 1.0 when the response, cut at the first ``<eos>`` and stripped, equals the
     stripped answer (the same rule as ``synthetic.check_answer``), else 0.0.
   * ``numeric``: ``numeric_match`` -- 1.0 when the last number in the response (cut at the first ``<eos>``)
     equals ``float(answer)`` within a relative tolerance of 1e-6, else 0.0 (also when there is no number).
 
-``resolve_reward`` turns a name, a dotted path ``package.module.function`` or a callable into a reward function;
+``resolve_reward`` turns a name, a dotted path ``package.module.function`` or a callable (with its options) into a
+reward function;
 ``score`` calls one over a batch and turns every failure (an exception, a value that is not a finite float) into
 a one-line ``RewardError`` naming the example.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 from mtrain.data.errors import DataError
+from mtrain.registry import Registry
 
 RewardFn = Callable[[str, str, Mapping[str, Any]], float]
 EOS = "<eos>"
@@ -35,6 +38,10 @@ class RewardError(DataError):
     """A reward function or its spec is broken. The message names the example (or spec) and says the fix."""
 
 
+REWARDS: Registry = Registry("reward", inputs=3, error=RewardError)
+register_reward = REWARDS.register
+
+
 def _cut(response: str) -> str:
     return response.split(EOS, 1)[0]
 
@@ -46,11 +53,13 @@ def _answer(example: Mapping[str, Any]) -> str:
     return str(example["answer"])
 
 
+@register_reward("exact")
 def exact_match(prompt: str, response: str, example: Mapping[str, Any]) -> float:
     """1.0 if the response (cut at the first ``<eos>``, stripped) equals the stripped answer, else 0.0."""
     return 1.0 if _cut(response).strip() == _answer(example).strip() else 0.0
 
 
+@register_reward("numeric")
 def numeric_match(prompt: str, response: str, example: Mapping[str, Any]) -> float:
     """1.0 if the last number in the response equals ``float(answer)`` (relative tolerance 1e-6), else 0.0."""
     answer = _answer(example)
@@ -62,9 +71,6 @@ def numeric_match(prompt: str, response: str, example: Mapping[str, Any]) -> flo
     if not numbers:
         return 0.0
     return 1.0 if math.isclose(float(numbers[-1]), want, rel_tol=REL_TOL) else 0.0
-
-
-REWARDS: Dict[str, RewardFn] = {"exact": exact_match, "numeric": numeric_match}
 
 
 def _name(fn: Any) -> str:
@@ -111,38 +117,9 @@ def score(
     return out
 
 
-def resolve_reward(spec: Union[str, RewardFn]) -> RewardFn:
-    """A reward function from a name in ``REWARDS``, a dotted path ``package.module.function``, or a callable
-    (returned as is). Unknown name, missing module/attribute, or not callable -> ``RewardError``."""
-    if callable(spec):
-        return spec
-    names = ", ".join(REWARDS)
-    if not isinstance(spec, str):
-        raise RewardError(f"reward {spec!r} is a {type(spec).__name__}. Fix: give a reward name ({names}), a "
-                          f"dotted path package.module.function, or a function.")
-    if spec in REWARDS:
-        return REWARDS[spec]
-    if "." not in spec:
-        raise RewardError(f"unknown reward {spec!r}. Fix: use one of {names}, or a dotted path "
-                          f"package.module.function to your own.")
-    module_name, attr = spec.rsplit(".", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise RewardError(f"reward {spec!r}: no module named {module_name!r}. Fix: check the spelling, and "
-                              f"that the module is importable (installed, or its folder on PYTHONPATH).") from e
-        raise RewardError(f"reward {spec!r}: importing {module_name!r} failed ({type(e).__name__}: {e}). Fix: "
-                          f"install what it imports.") from e
-    except Exception as e:
-        msg = _clip(" ".join(str(e).split()), 200)
-        raise RewardError(f"reward {spec!r}: importing {module_name!r} raised {type(e).__name__}: {msg}. Fix: "
-                          f"fix the error in that module.") from e
-    if not hasattr(module, attr):
-        raise RewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}. Fix: check the "
-                          f"function name.")
-    fn = getattr(module, attr)
-    if not callable(fn):
-        raise RewardError(f"reward {spec!r} is a {type(fn).__name__}, not callable. Fix: point it at a function "
-                          f"(prompt, response, example) -> float.")
-    return fn
+def resolve_reward(spec: Union[str, RewardFn], options: Optional[Mapping[str, Any]] = None) -> RewardFn:
+    """A reward function from a registered name, a dotted path ``package.module.function``, or a callable (returned
+    as is), with ``options`` (``task.reward_args``) bound to its keyword parameters. Unknown name, missing
+    module/attribute, not callable, or an option it does not take -> ``RewardError``."""
+    fn = REWARDS.get(spec)
+    return REWARDS.bind(spec, {}, options, where="task.reward_args") if options else fn

@@ -22,6 +22,7 @@ _EXPORTS = {
     "export_hf": "outputs",
     "finish": "outputs",
     "write_json": "records",
+    "settings_from": "settings",
     "Job": "run",
     "UserError": "run",
     "user_error": "run",

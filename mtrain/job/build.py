@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtrain.config import ConfigError
 from mtrain.data import MTrainDataModule, build_datamodule
 from mtrain.models import CheckpointError, MoECausalLM, PrecisionPolicy, build_model, from_pretrained, read_config
-from mtrain.models.checkpoint import dtype_of
+from mtrain.models.factory import dtype_of
 from mtrain.models.config import MoEConfig
 from mtrain.models.flops import active_params_per_token
 from mtrain.parallel.launch import slurm_cpus_per_task, uses_fsdp

@@ -1,5 +1,6 @@
-"""The JSON records of a job (``metrics.json``, ``status.json``): written atomically, non-finite numbers as null.
-Free of torch and Lightning, so the CLI can record a job's end without importing them."""
+"""The JSON records of a job (``metrics.json``, ``status.json``, ``info.json``): :func:`write_json` is the one
+writer of them all, atomic (a reader never sees a partial file), non-finite numbers as null. Free of torch and
+Lightning, so the CLI can record a job's end without importing them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 
 def write_json(path: Path, data: dict) -> Path:
+    """Write ``data`` as indented JSON to ``path`` through a temporary file renamed over it; NaN and +-inf become
+    null (strict JSON has no such numbers), other objects their ``str``."""
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def clean(v: Any) -> Any:
@@ -26,6 +29,11 @@ def write_json(path: Path, data: dict) -> Path:
     tmp.write_text(json.dumps(clean(data), indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def pct(x: Any) -> str:
+    """A share as a percentage with one decimal for a printed summary; ``n/a`` for None or NaN."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
 def interruptions(status_path: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from mtrain.config import ConfigError, PrecisionPlan, prepare_run
 from mtrain.data.errors import DataError
 from mtrain.disk import DiskFull
 from mtrain.lit.errors import TrainingDiverged
-from mtrain.models.checkpoint import CheckpointError
+from mtrain.models.errors import CheckpointError
 from mtrain.parallel.errors import ParallelError
 
 # Errors in what the user asked for (config, data, checkpoint, launch) or what the machine has (disk space):

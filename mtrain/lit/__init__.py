@@ -12,8 +12,10 @@ _EXPORTS = {
     "finish_loggers": "loggers",
     "make_loggers": "loggers",
     "MoELitModule": "module",
-    "WarmupCosine": "module",
-    "param_groups": "module",
+    "OptimSettings": "optim",
+    "WarmupCosine": "optim",
+    "adamw_with_schedule": "optim",
+    "param_groups": "optim",
     "build_trainer": "trainer",
     "quiet_lightning": "trainer",
 }

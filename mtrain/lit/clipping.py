@@ -1,10 +1,10 @@
 """Gradient clipping by total norm, folded into a fused AdamW step.
 
-``torch.nn.utils.clip_grad_norm_`` scales every gradient by the clip coefficient in a pass of its own. At the
-Qwen3-30B-A3B shape on an H200 (6.2 GB of bf16 gradients) that pass takes 11.5 ms of the clip's 14.4 ms; the norm
-takes 1.9 ms (``benchmarks/optimizer_step.py``). A fused AdamW divides the gradients by its ``grad_scale`` inside its
-own kernel (the hook ``GradScaler`` uses), so the coefficient rides along: one read of the gradients for the norm and
-no pass for the scaling. The update is the one of clip + step; the coefficient stays on the device (no host sync).
+``torch.nn.utils.clip_grad_norm_`` scales every gradient by the clip coefficient in a pass of its own, which costs
+most of the clip's time, far more than the norm (``benchmarks/optimizer_step.py``; numbers in
+``benchmarks/RESULTS.md``). A fused AdamW divides the gradients by its ``grad_scale`` inside its own kernel (the
+hook ``GradScaler`` uses), so the coefficient rides along: one read of the gradients for the norm and no pass for
+the scaling. The update is the one of clip + step; the coefficient stays on the device (no host sync).
 
 Under FSDP the gradients are dim-0 shards (``DTensor``): the total norm is the square root of the all-reduced sum of
 each rank's local squared norm, one collective, instead of ``clip_grad_norm_``'s DTensor dispatch per op.

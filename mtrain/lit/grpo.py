@@ -23,14 +23,15 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mtrain.data.rollouts import header_line, rollout_lines
-from mtrain.lit.module import WarmupCosine, on_host, param_groups
+from mtrain.lit.module import on_host
+from mtrain.lit.optim import OptimSettings, adamw_with_schedule
 from mtrain.models import MoECausalLM
 from mtrain.models.generate import recompute
 from mtrain.rl.grpo import (
@@ -45,26 +46,26 @@ Scorer = Callable[[Sequence[str], Sequence[str], Sequence[dict]], tuple[list[flo
 
 @dataclass(frozen=True)
 class GRPOSettings:
+    """What one RL step does. Built from the task's config by field name (``mtrain.job.settings.settings_from``:
+    ``task.<field>``, the nested settings from the same node), so it has no defaults of its own: the schema
+    (``mtrain.schema.GRPOTaskConfig``) is their one home."""
+
     prompts_per_step: int
     group_size: int
     sampling: SamplingConfig
     loss: LossSettings
-    mismatch: MismatchSettings = MismatchSettings()
-    ppo_epochs: int = 1
-    num_minibatches: int = 1
-    advantage: str = "grpo"
-    norm_adv_by_std: bool = True
-    lr: float = 1e-3
-    warmup_steps: int = 0
-    min_lr_ratio: float = 1.0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: Optional[float] = 1.0
-    seed: int = 0
-    eval_every: int = 20
-    rollouts_every: int = 10
-    rollouts_keep: int = 4
+    mismatch: MismatchSettings
+    optim: OptimSettings
+    ppo_epochs: int
+    num_minibatches: int
+    advantage: str  # a registered advantage estimator (mtrain.rl.advantages)
+    norm_adv_by_std: bool
+    advantage_args: Mapping[str, Any]  # its own options
+    grad_clip: Optional[float]  # trainer.gradient_clip_val
+    seed: int
+    eval_every: int
+    rollouts_every: int
+    rollouts_keep: int = 4  # sample rows per step written to rollouts.jsonl (not a config setting)
 
     @property
     def updates_per_step(self) -> int:
@@ -119,14 +120,9 @@ class GRPOModule(L.LightningModule):
         return DataLoader(_Steps(), batch_size=None)
 
     def configure_optimizers(self):
-        s = self.s
-        fused = all(p.is_cuda for p in self.model.parameters())
-        opt = torch.optim.AdamW(param_groups(self.model, s.weight_decay), lr=s.lr, betas=s.betas, eps=s.eps,
-                                **({"fused": True} if fused else {}))
-        total = max(1, self.trainer.max_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(s.warmup_steps * s.updates_per_step, total,
-                                                                    s.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        s = self.s  # task.warmup_steps counts RL steps; the schedule counts optimizer steps
+        return adamw_with_schedule(self.model, s.optim, s.optim.warmup_steps * s.updates_per_step,
+                                   max(1, self.trainer.max_steps))
 
     @property
     def rl_step(self) -> int:
@@ -180,7 +176,7 @@ class GRPOModule(L.LightningModule):
         else:
             rewards_list, exact = given, [None] * len(given)
         rewards = torch.tensor(rewards_list, dtype=torch.float32, device=gen.tokens.device)
-        advantages, zero_std = advantages_of(rewards, G, s.advantage, s.norm_adv_by_std)
+        advantages, zero_std = advantages_of(rewards, G, s.advantage, s.norm_adv_by_std, s.advantage_args)
         if self.dump_file is not None and self.trainer.is_global_zero:
             if not self.dump_file.exists():
                 self.dump_file.write_text(json.dumps(header_line(gen.temperature, self.engine.scoring)) + "\n")
@@ -199,7 +195,7 @@ class GRPOModule(L.LightningModule):
         self.model.train(was_training)
         old_s = self._now() - t0
         batch = StepBatch(gen, rewards, advantages, old.logprobs, ref_lp, replay=old.replay)
-        corrections = {} if s.mismatch.bypass else correct(batch, s.mismatch.correction)
+        corrections = {} if s.mismatch.bypass else correct(batch, s.mismatch.rollout_correction)
 
         lengths = gen.lengths.float()
         generated = int(gen.lengths.sum())
@@ -240,7 +236,7 @@ class GRPOModule(L.LightningModule):
         for _ in range(s.ppo_epochs):
             for rows in minibatches(len(batch), s.num_minibatches, gen):
                 loss, stats = minibatch_loss(self.model, batch, rows.to(batch.rewards.device), s.loss,
-                                             self.pad_id, s.mismatch.correction if s.mismatch.bypass else None)
+                                             self.pad_id, s.mismatch.rollout_correction if s.mismatch.bypass else None)
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
                 max_norm = s.grad_clip if s.grad_clip else float("inf")

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mtrain.models.checkpoint import CheckpointError
+from mtrain.models.errors import CheckpointError
 
 MANIFEST = "mtrain_manifest.json"
 FORMAT = "mtrain-checkpoint-manifest/1"

@@ -14,46 +14,19 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
 
 from mtrain.lit.clipping import clip_in_fused_step, is_fused, no_clip
-from mtrain.models import MoECausalLM, family_of, token_logprobs
+from mtrain.lit.optim import OptimSettings, adamw_with_schedule
+from mtrain.models import MoECausalLM, token_logprobs
 from mtrain.models.flops import eval_flops_per_token, train_flops_per_token
 from mtrain.models.loss import IGNORE_INDEX
 from mtrain.models.router_stats import RouterStats
 from mtrain.parallel import root_unsharded
 from mtrain.parallel.lightning import FSDPPlan
-
-
-class WarmupCosine:
-    """LR factor: linear warm-up to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total`` steps, flat after.
-
-    A callable object (not a lambda), so ``LambdaLR.state_dict`` stores it and a resumed run gets the same schedule.
-    """
-
-    def __init__(self, warmup: int, total: int, min_ratio: float):
-        self.warmup, self.total, self.min_ratio = int(warmup), int(total), float(min_ratio)
-
-    def __call__(self, step: int) -> float:
-        if self.warmup > 0 and step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.total <= self.warmup:
-            return 1.0
-        progress = min(1.0, (step - self.warmup) / (self.total - self.warmup))
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: MoECausalLM, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices; none on what the model's family exempts (norms, biases, vectors, ...)."""
-    family = family_of(model)
-    decay, keep = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (keep if family.no_decay_param(name, p.ndim) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
 def _sync(device: torch.device) -> None:
@@ -64,16 +37,17 @@ def _sync(device: torch.device) -> None:
 def on_host(value: float) -> torch.Tensor:
     """A Python number to ``self.log`` as a CPU tensor. Lightning turns a number into a tensor on the module's device,
     a blocking host-to-device copy, and keeps the metric on the device of the value it gets. Logged every step (the
-    learning rate, the throughput), that was a GPU sync a step: the compiled FSDP step on an H200 (fsdp_cli rows,
-    2026-11-29) spent 12 ms of each of these copies waiting for the queue to drain."""
+    learning rate, the throughput), that was a GPU sync a step: each copy waited for the GPU's queue to drain
+    (``benchmarks/RESULTS.md``, the ``fsdp_cli`` rows with logging)."""
     return torch.tensor(float(value))
 
 
 class MoELitModule(L.LightningModule):
     """Fine-tunes / evaluates ``model`` (an ``MoECausalLM``).
 
-    ``peak_tflops``: per-device peak for MFU (0 = don't log MFU). ``logprob_sink``: if set, validation computes
-    per-token logprobs and calls ``logprob_sink(batch, logprobs)`` for every batch (``task=eval``).
+    ``optim``: AdamW and its schedule (``task.lr``, ...). ``peak_tflops``: per-device peak for MFU (0 = don't log
+    MFU). ``logprob_sink``: if set, validation computes per-token logprobs and calls ``logprob_sink(batch, logprobs)``
+    for every batch (``task=eval``).
     ``router_losses``: adds the balancing / z losses of each batch's routing (``model.routing``) to the trained loss;
     ``train/loss`` stays the language-model loss.
     """
@@ -81,13 +55,8 @@ class MoELitModule(L.LightningModule):
     def __init__(
         self,
         model: MoECausalLM,
+        optim: OptimSettings = OptimSettings(),
         *,
-        lr: float = 3e-3,
-        warmup_steps: int = 50,
-        min_lr_ratio: float = 0.1,
-        weight_decay: float = 0.1,
-        betas: Sequence[float] = (0.9, 0.95),
-        eps: float = 1e-8,
         peak_tflops: float = 0.0,
         logprob_sink: Optional[Callable[[dict, torch.Tensor], None]] = None,
         sharding: Optional[FSDPPlan] = None,
@@ -96,8 +65,7 @@ class MoELitModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.sharding = sharding  # trainer=fsdp: shard + fill the meta-device model in configure_model
-        self.lr, self.warmup_steps, self.min_lr_ratio = lr, warmup_steps, min_lr_ratio
-        self.weight_decay, self.betas, self.eps = weight_decay, tuple(betas), eps
+        self.optim = optim
         self.peak_tflops = float(peak_tflops or 0.0)
         self.logprob_sink = logprob_sink
         self.router_losses = router_losses  # tapped into the model by mtrain.lit.routing.RoutingHealth
@@ -137,14 +105,8 @@ class MoELitModule(L.LightningModule):
 
     # -- training ------------------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        fused = all(p.is_cuda for p in self.model.parameters())
-        opt = torch.optim.AdamW(
-            param_groups(self.model, self.weight_decay), lr=self.lr, betas=self.betas, eps=self.eps,
-            **({"fused": True} if fused else {}),
-        )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(self.warmup_steps, total, self.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.model, self.optim, self.optim.warmup_steps, total)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by norm inside the fused AdamW step when there is one (``mtrain.lit.clipping``: no separate scaling

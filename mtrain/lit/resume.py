@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from mtrain.lit.manifest import verify_manifest
-from mtrain.models.checkpoint import CheckpointError
+from mtrain.models.errors import CheckpointError
 from mtrain.parallel.launch import resume_request
 
 

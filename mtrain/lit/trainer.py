@@ -137,9 +137,8 @@ def sigterm_check_every(trainer: L.Trainer, every: int) -> None:
 class _StayOnDevice(SingleDeviceStrategy):
     """Lightning's teardown at the end of every fit moves the optimizer state and the model to the CPU, after which
     the job's final validation, accuracy and export move the model back. This one frees the optimizer state (every
-    save has its own copy of it) and leaves the model where it is. For a 3.1B-parameter model with its AdamW moments
-    on an H200 (the ``cli_loop`` rows of 2026-11-29), the job's end outside validation and checkpoint waits went from
-    24 s to 6 s."""
+    save has its own copy of it) and leaves the model where it is: for a large model, most of the job's end outside
+    validation and checkpoint waits was those two moves (``benchmarks/RESULTS.md``, the ``cli_loop`` rows)."""
 
     def teardown(self) -> None:
         for opt in self.optimizers:

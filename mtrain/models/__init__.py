@@ -2,7 +2,10 @@
 ``families/`` registered in ``registry``, HF checkpoint I/O, the rollout path, token logprobs and routing traces."""
 
 from . import families  # noqa: F401  (registers every family)
-from .checkpoint import CheckpointError, build_model, from_pretrained, read_config, save_pretrained
+from .checkpoint import from_pretrained, read_config
+from .errors import CheckpointError
+from .factory import build_model
+from .saving import save_pretrained
 from .config import MoEConfig
 from .families.glm4_moe import Glm4MoeConfig, Glm4MoeForCausalLM
 from .families.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM

@@ -1,72 +1,34 @@
-"""Hugging Face checkpoints <-> mtrain models, both directions.
+"""Hugging Face checkpoints -> mtrain models: ``config.json`` + single-file or sharded safetensors, streamed tensor by
+tensor into a model built on the meta device (no second full copy in memory). Per-expert keys
+``...mlp.experts.E.{gate,up,down}_proj.weight`` (and the fused v5 in-memory names) are copied into the fused expert
+tensors; GLM's MTP layers are skipped. A checkpoint whose gate dtype or recorded policy does not match the requested
+``moe_gate_fp32`` gets a warning (or a refusal, with ``gate_mismatch="error"``): :mod:`.gate_check`.
 
-Reading: ``config.json`` + single-file or sharded safetensors, streamed tensor by tensor into a model built on the
-meta device (no second full copy in memory). Per-expert keys ``...mlp.experts.E.{gate,up,down}_proj.weight`` (and the
-fused v5 in-memory names) are copied into the fused expert tensors; GLM's MTP layers are skipped.
-
-Writing: per-expert keys, shards above ``max_shard_size``, ``config.json`` that ``transformers`` loads, and
-``mtrain_precision.json`` recording the gate dtype the run used. Loading a checkpoint whose gate dtype or recorded
-policy does not match the requested ``moe_gate_fp32`` says so (or refuses, with ``gate_mismatch="error"``).
+The other direction, mtrain models -> HF folders, is :mod:`.saving`; the model factory (``build_model``,
+``dtype_of``) is :mod:`.factory`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .adapter import UnexpectedKey
 from .config import MoEConfig
+from .errors import CheckpointError
+from .factory import DTYPES, build_model, dtype_of
+from .gate_check import check_gate
 from .precision import PrecisionPolicy
-from .registry import FAMILIES, family_of, get_family
+from .registry import FAMILIES, family_of
 from .transformer import MoECausalLM
 
-log = logging.getLogger(__name__)
-
-PRECISION_FILE = "mtrain_precision.json"
 INDEX_FILE = "model.safetensors.index.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that mtrain cannot load or write; the message names the file and the fix."""
-
-
-def dtype_of(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    name = str(name).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def build_model(
-    cfg: MoEConfig,
-    *,
-    dtype: torch.dtype | str = torch.float32,
-    device: torch.device | str = "cpu",
-    policy: PrecisionPolicy = PrecisionPolicy(),
-    seed: int | None = 0,
-    init: bool = True,
-) -> MoECausalLM:
-    """A model of ``cfg``'s family, allocated directly on ``device`` in ``dtype`` (the gate and RoPE per ``policy``).
-    ``device="meta"`` allocates nothing (FSDP fills each rank's shards later)."""
-    with torch.device("meta"):
-        model = get_family(cfg.model_type).model(cfg, policy)
-    model = model.to(dtype=dtype_of(dtype)).to_empty(device=device)
-    if init:
-        model.init_weights(seed)
-    return model
+__all__ = ["CheckpointError", "check_complete", "checkpoint_dtype", "from_pretrained", "gate_names", "map_key",
+           "read_config", "shard_files", "tensors_of"]
 
 
 def read_config(path: str | os.PathLike, expected_model_type: str | None = None) -> MoEConfig:
@@ -97,7 +59,7 @@ def read_config(path: str | os.PathLike, expected_model_type: str | None = None)
 def checkpoint_dtype(folder: Path) -> torch.dtype | None:
     hf = json.loads((folder / "config.json").read_text())
     name = hf.get("dtype") or hf.get("torch_dtype")
-    return _DTYPES.get(str(name)) if name else None
+    return DTYPES.get(str(name)) if name else None
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -116,11 +78,6 @@ def shard_files(folder: Path) -> list[Path]:
     if single.is_file():
         return [single]
     raise CheckpointError(f"no model.safetensors or {INDEX_FILE} in {folder}; mtrain reads safetensors only")
-
-
-def read_precision_record(path: str | os.PathLike) -> dict | None:
-    f = Path(path) / PRECISION_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def from_pretrained(
@@ -206,149 +163,3 @@ def check_complete(model: MoECausalLM, filled: set, folder: Path) -> None:
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise CheckpointError(f"{folder}: missing keys {missing[:3]}{more}; the checkpoint is incomplete")
-
-
-def check_gate(folder: Path, gate_dtypes: set, moe_gate_fp32: bool, gate_mismatch: str) -> None:
-    """Compare the gate's stored dtype and the checkpoint's precision record (``mtrain_precision.json``, if mtrain
-    wrote it) with the policy it is loaded under. Upcasting a bf16-stored gate of a published checkpoint to fp32 is
-    what the rollout engine does under ``FD_ENABLE_RL=1``: an info line, not a warning. A warning (or, with
-    ``gate_mismatch="error"``, a refusal) when the record disagrees with the policy, or records an fp32 gate that is
-    not stored in fp32 (a gate downcast on export)."""
-    want = "float32" if moe_gate_fp32 else "the model dtype"
-    stored = {str(d).removeprefix("torch.") for d in gate_dtypes}
-    record = read_precision_record(folder)
-    problems = []
-    if record is not None and bool(record.get("moe_gate_fp32")) != moe_gate_fp32:
-        problems.append(
-            f"it was exported with moe_gate_fp32={str(record.get('moe_gate_fp32')).lower()} "
-            f"but is loaded with moe_gate_fp32={str(moe_gate_fp32).lower()} (gate in {want})"
-        )
-    elif record is not None and record.get("moe_gate_fp32") and stored - {"float32"}:
-        problems.append(f"its record says moe_gate_fp32=true but the gate weights are stored as "
-                        f"{'/'.join(sorted(stored))}: the export downcast the gate")
-    elif moe_gate_fp32 and stored - {"float32"}:
-        log.info("gate weights of %s stored as %s are upcast to float32 (moe_gate_fp32=true), as the rollout engine "
-                 "does under FD_ENABLE_RL=1", folder, "/".join(sorted(stored)))
-    if not problems:
-        return
-    msg = (
-        f"gate precision mismatch for checkpoint {folder}: {'; '.join(problems)}. Trainer and rollout will route "
-        f"differently; load with the policy it was exported with (rl=on / moe_gate_fp32) or re-export it."
-    )
-    if gate_mismatch == "error":
-        raise CheckpointError(msg)
-    log.warning(msg)
-
-
-# -- writing ---------------------------------------------------------------------------------------------------------
-def hf_tensors(model: MoECausalLM, named=None):
-    """Yield (HF key, tensor) in model order through the family's adapter. ``named``: (name, tensor) pairs to write
-    instead of the model's own parameters and buffers (e.g. a sharded model's, gathered one at a time)."""
-    return family_of(model).adapter.to_hf(tensors_of(model).items() if named is None else named)
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", str(size).upper())
-    if not m:
-        raise ValueError(f"max_shard_size={size!r}: use bytes or e.g. '5GB', '500MB'")
-    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
-
-
-def save_pretrained(
-    model: MoECausalLM,
-    path: str | os.PathLike,
-    *,
-    max_shard_size: int | str = "5GB",
-    tokenizer_file: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    tensors=None,
-    dtype: torch.dtype | str | None = None,
-    extra: Optional[Callable[[Path], None]] = None,
-) -> Path:
-    """Write an HF checkpoint folder. The gate is written in the dtype the model holds it in (fp32 under
-    ``moe_gate_fp32``); ``mtrain_precision.json`` records the policy. Refuses to replace an existing checkpoint
-    unless ``overwrite``; writes into a temporary folder first so a failure leaves nothing half-written.
-
-    ``tensors``: an iterable of (HF key, tensor) to write instead of the model's own (default ``hf_tensors(model)``),
-    consumed lazily -- one shard is held in memory at a time (``mtrain.parallel.export_hf`` streams a sharded
-    model's parameters through it). ``dtype``: write floating tensors in this dtype (e.g. bf16 from fp32 master
-    weights), except what the precision policy keeps fp32 (the gate under ``moe_gate_fp32``, GLM's bias).
-    ``extra(folder)``: writes more files (a tokenizer) into the folder before it is published, so a kill at any
-    point leaves either the old folder or the complete new one."""
-    dest = Path(path)
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise CheckpointError(f"{dest} already exists and is not empty; choose another folder or pass overwrite=True")
-    limit = _parse_size(max_shard_size)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        shard_keys: list[list[str]] = []  # shards are written as soon as they fill up: one shard in memory
-        current: dict[str, torch.Tensor] = {}
-        size = total_size = 0
-
-        def flush():
-            save_file(current, tmp / f"shard-{len(shard_keys)}.tmp", metadata={"format": "pt"})
-            shard_keys.append(list(current))
-            current.clear()
-
-        dtype = dtype_of(dtype)
-        fp32 = fp32_keys(model)
-        for key, t in hf_tensors(model) if tensors is None else tensors:
-            if dtype is not None and t.is_floating_point() and key not in fp32:
-                t = t.to(dtype)
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > limit:
-                flush()
-                size = 0
-            current[key] = t.detach().to("cpu", copy=True).contiguous()
-            size += nbytes
-            total_size += nbytes
-        flush()
-        weight_map = {}
-        for i, keys in enumerate(shard_keys):
-            name = _shard_name(i, len(shard_keys))
-            (tmp / f"shard-{i}.tmp").rename(tmp / name)
-            weight_map |= {k: name for k in keys}
-        if len(shard_keys) > 1:
-            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        gate = model.gate_dtype()
-        if dtype is None:
-            dtype = next(p for n, p in model.named_parameters() if "embed_tokens" in n).dtype
-        elif gate is not None and not model.moe_gate_fp32:
-            gate = dtype
-        hf = model.config.to_hf() | {"dtype": str(dtype).removeprefix("torch."), "transformers_version": "5.0.0"}
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        record = {
-            "moe_gate_fp32": model.moe_gate_fp32,
-            "rope_fp32": model.rope_fp32,
-            "gate_dtype": str(gate).removeprefix("torch.") if gate else None,
-            "dtype": hf["dtype"],
-        }
-        (tmp / PRECISION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        if extra is not None:
-            extra(tmp)
-        old = dest.with_name(f".{dest.name}.old")
-        if dest.exists():  # swap: the old folder moves aside, the complete new one takes its name, the old goes
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
-def fp32_keys(model: MoECausalLM) -> set[str]:
-    """HF keys of the tensors the precision policy stores in fp32 whatever the model dtype."""
-    fp32 = model.fp32_names()
-    return {key for key, _ in family_of(model).adapter.to_hf((n, t) for n, t in tensors_of(model).items() if n in fp32)}
-
-
-def _shard_name(i: int, n: int) -> str:
-    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"

@@ -27,9 +27,9 @@ from .routing import RoutingTrace
 
 class _Fp32Gate(torch.autograd.Function):
     """``x @ w.T`` in fp32 (the forward an engine's fp32 gate computes, bit for bit). Backward: ``dw`` by an fp32 GEMM;
-    ``dx`` by a GEMM in ``x``'s dtype -- it is rounded to that dtype on the way out anyway, and in bf16 the fp32
-    GEMM (no tensor cores) took ~10x as long (H200, GLM-4.5-Air shape: 0.77 -> 0.08 ms a step; ``profile_step_ops``
-    rows). Keeps ``x`` in its own dtype for the backward, not an fp32 copy."""
+    ``dx`` by a GEMM in ``x``'s dtype -- it is rounded to that dtype on the way out anyway, and in bf16 an fp32 GEMM
+    runs without tensor cores, many times slower (``benchmarks/RESULTS.md``, the fp32 gate's backward). Keeps ``x``
+    in its own dtype for the backward, not an fp32 copy."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

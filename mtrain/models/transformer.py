@@ -123,9 +123,9 @@ class MoECausalLM(nn.Module):
         self, input_ids: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 2048, trace: RoutingTrace | None = None
     ) -> torch.Tensor:
         """Mean cross-entropy of ``targets`` (already shifted: ``targets[:, t]`` follows ``input_ids[:, :t+1]``;
-        -100 = ignore), computed in fp32 chunk by chunk (``chunk_size`` tokens) from the hidden states. 2048: at the
-        Qwen3-30B-A3B shape (8k tokens, H200) the step peaks at 11.8 GiB against 13.3 GiB at 4096, at the same
-        speed (``benchmarks/memory_split.py``)."""
+        -100 = ignore), computed in fp32 chunk by chunk (``chunk_size`` tokens) from the hidden states. 2048: a lower
+        peak than 4096 at the same speed on a real-size step (``benchmarks/memory_split.py``; numbers in
+        ``benchmarks/RESULTS.md``)."""
         h = self.hidden_states(input_ids, trace=trace)
         total, count = linear_cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten(), chunk_size)
         return total / count.clamp(min=1)

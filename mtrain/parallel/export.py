@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from mtrain.models import MoECausalLM
-from mtrain.models.checkpoint import CheckpointError, hf_tensors, save_pretrained
+from mtrain.models.errors import CheckpointError
+from mtrain.models.saving import hf_tensors, save_pretrained
 
 
 def _rank() -> int:

@@ -10,7 +10,7 @@ The fused experts map dim-0 rows to per-expert keys: a rank that owns experts ``
 reads ``experts.{e}.gate_proj.weight`` into rows ``[:I]`` and ``up_proj`` into rows ``[I:]`` of expert ``e`` for
 ``e`` in ``a..b`` only, and never opens the other experts' tensors. Nothing larger than one rank's slice of one
 tensor is ever materialised. Key mapping, completeness and gate-policy checks are those of
-``mtrain.models.checkpoint`` (shared code, same error messages).
+``mtrain.models.checkpoint`` and ``mtrain.models.gate_check`` (shared code, same error messages).
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from mtrain.models import MoECausalLM, PrecisionPolicy, build_model, family_of
 from mtrain.models.checkpoint import (
     CheckpointError,
     check_complete,
-    check_gate,
     checkpoint_dtype,
-    dtype_of,
     gate_names,
     map_key,
     read_config,
     shard_files,
     tensors_of,
 )
+from mtrain.models.factory import dtype_of
+from mtrain.models.gate_check import check_gate
 from mtrain.models.config import MoEConfig
 
 from .fsdp import apply_fsdp

@@ -12,18 +12,40 @@ The rollout engine samples with ``pi_roll`` but reports log-probs ``logp_roll`` 
 - ``k3_filter``:  drop sequences whose mean k3 (``w - log w - 1``, KL(roll || old)) exceeds ``k3_threshold``.
 
 Dropped tokens leave the new mask, hence the loss's numerator and denominator. Pure torch; no Lightning or Hydra.
+
+Modes are registered by name (``task.rollout_correction.mode=<name>``, :func:`register_correction`): a new one is
+``fn(r: TokenRatios, cfg: CorrectionConfig, *, ...) -> (weights [B, T], keep [B, T] bool, truncated [B, T] bool)``
+(weights before the mask is applied; ``truncated`` marks the tokens whose weight was cut, for the stats). Its own
+options come from ``task.rollout_correction.args`` (``cfg.args``; :mod:`mtrain.registry`); ``check(cfg)``, given to
+the decorator, refuses thresholds the mode cannot use when the config is built.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
-CORRECTION_MODES = ("off", "token_tis", "token_mask", "seq_tis", "seq_mask", "geo_mask", "k3_filter")
-LOG_RATIO_CLAMP = 20.0
+from mtrain.registry import Registry
+
+from .ratios import LOG_RATIO_CLAMP, clamped_exp
+
+CORRECTIONS: Registry = Registry("correction mode", inputs=2)
+_CHECKS: dict[str, Callable[["CorrectionConfig"], None]] = {}
+
+
+def register_correction(name: str, check: Optional[Callable[["CorrectionConfig"], None]] = None):
+    """Decorator: a correction mode by name; ``check(cfg)`` raises ValueError on thresholds it cannot use."""
+    add = CORRECTIONS.register(name)
+
+    def register(fn):
+        if check is not None:
+            _CHECKS[name] = check
+        return add(fn)
+
+    return register
 
 
 @dataclass
@@ -37,6 +59,7 @@ class CorrectionConfig:
     geo_low: float = 0.999
     geo_high: float = 1.001
     k3_threshold: float = 0.01
+    args: Dict[str, Any] = field(default_factory=dict)  # the mode's own options (task.rollout_correction.args)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -49,13 +72,14 @@ class CorrectionConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
-        if self.mode not in CORRECTION_MODES:
-            raise ValueError(f"CorrectionConfig.mode: unknown mode {self.mode!r}; expected one of {CORRECTION_MODES}")
-        if self.cap <= 0 or (self.mode in ("token_tis", "seq_tis") and self.cap <= 1):
-            raise ValueError(f"CorrectionConfig.cap must be > 1 (the IS weight's truncation level), got {self.cap}")
-        lower, upper = self.bounds()
-        if self.mode in ("token_mask", "seq_mask") and not 0 < lower < upper:
-            raise ValueError(f"CorrectionConfig.lower ({lower}) must be > 0 and < upper ({upper})")
+        if self.mode not in CORRECTIONS and "." not in self.mode:
+            raise ValueError(f"CorrectionConfig.mode: unknown mode {self.mode!r}; expected one of "
+                             f"{', '.join(CORRECTIONS.names())}")
+        CORRECTIONS.bind(self.mode, {}, self.args, where="task.rollout_correction.args")  # a known mode, its options
+        if self.cap <= 0:
+            _cap_above_one(self)
+        if self.mode in _CHECKS:
+            _CHECKS[self.mode](self)
         if not 0 < self.geo_low < self.geo_high:
             raise ValueError(f"CorrectionConfig.geo_low ({self.geo_low}) must be in (0, geo_high={self.geo_high})")
         if self.k3_threshold < 0:
@@ -86,22 +110,9 @@ def rollout_correction(
     w = log_w.exp()
     k3 = w - log_w - 1.0
 
-    weights = torch.ones_like(w)
-    keep = valid.clone()
-    truncated = torch.zeros_like(valid)
-    mode = cfg.mode
-    if mode == "token_tis":
-        truncated = valid & (w > cfg.cap)
-        weights = w.clamp(max=cfg.cap)
-    elif mode == "token_mask":
-        lower, upper = cfg.bounds()
-        keep = valid & (w >= lower) & (w <= upper)
-    elif mode != "off":
-        keep_seq, weights = _sequence_rule(log_w, k3, valid, cfg)
-        keep = valid & keep_seq[:, None]
-        if mode == "seq_tis":
-            truncated = valid & (weights > cfg.cap)
-            weights = weights.clamp(max=cfg.cap)
+    fn = CORRECTIONS.bind(cfg.mode, {}, cfg.args, where="task.rollout_correction.args")
+    weights, keep, truncated = fn(TokenRatios(valid, log_w, w, k3), cfg)
+    keep = valid & keep
     weights = torch.where(keep, weights, torch.zeros_like(weights))
 
     n = valid.sum()
@@ -123,25 +134,79 @@ def rollout_correction(
     return weights, keep.to(mask.dtype), stats
 
 
-def _sequence_rule(
-    log_w: torch.Tensor, k3: torch.Tensor, valid: torch.Tensor, cfg: CorrectionConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For the sequence modes: which sequences to keep ``[B]`` and the per-token weight ``[B, T]`` (``rho_i``
-    broadcast for ``seq_tis``, else 1). ``log_w``/``k3`` are already 0 at invalid tokens."""
-    tokens = valid.sum(dim=-1).clamp(min=1)
-    log_rho = log_w.sum(dim=-1)  # log of rho_i = prod_t w_t
-    ones = torch.ones_like(log_w)
-    if cfg.mode == "seq_tis":
-        rho = log_rho.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # clamped so exp cannot overflow
-        return torch.ones_like(valid[:, 0]), rho[:, None].expand_as(log_w).clone()
-    if cfg.mode == "seq_mask":
-        lower, upper = cfg.bounds()
-        keep = (log_rho >= math.log(lower)) & (log_rho <= math.log(upper))
-    elif cfg.mode == "geo_mask":
-        log_geo = log_rho / tokens
-        keep = (log_geo >= math.log(cfg.geo_low)) & (log_geo <= math.log(cfg.geo_high))
-    elif cfg.mode == "k3_filter":
-        keep = k3.sum(dim=-1) / tokens <= cfg.k3_threshold
-    else:
-        raise ValueError(f"CorrectionConfig.mode: {cfg.mode!r} is not a sequence mode")
-    return keep, ones
+@dataclass
+class TokenRatios:
+    """What a correction mode decides from, per token ``[B, T]`` (all 0 at invalid tokens but ``w``): ``valid``
+    (bool, the tokens that count), ``log_w`` (``logp_old - logp_roll``, clamped to +-20), ``w = exp(log_w)`` and
+    ``k3 = w - log_w - 1``."""
+
+    valid: torch.Tensor
+    log_w: torch.Tensor
+    w: torch.Tensor
+    k3: torch.Tensor
+
+    def tokens(self) -> torch.Tensor:
+        """Valid tokens per sequence ``[B]``, at least 1."""
+        return self.valid.sum(dim=-1).clamp(min=1)
+
+    def keep_sequences(self, keep_seq: torch.Tensor) -> torch.Tensor:
+        """Per-token ``keep`` of a per-sequence decision ``[B]``."""
+        return self.valid & keep_seq[:, None]
+
+    def nothing_truncated(self) -> torch.Tensor:
+        return torch.zeros_like(self.valid)
+
+
+def _cap_above_one(cfg: CorrectionConfig) -> None:
+    if cfg.cap <= 1:
+        raise ValueError(f"CorrectionConfig.cap must be > 1 (the IS weight's truncation level), got {cfg.cap}")
+
+
+def _band(cfg: CorrectionConfig) -> None:
+    lower, upper = cfg.bounds()
+    if not 0 < lower < upper:
+        raise ValueError(f"CorrectionConfig.lower ({lower}) must be > 0 and < upper ({upper})")
+
+
+@register_correction("off")
+def off(r: TokenRatios, cfg: CorrectionConfig):
+    return torch.ones_like(r.w), r.valid, r.nothing_truncated()
+
+
+@register_correction("token_tis", check=_cap_above_one)
+def token_tis(r: TokenRatios, cfg: CorrectionConfig):
+    return r.w.clamp(max=cfg.cap), r.valid, r.valid & (r.w > cfg.cap)
+
+
+@register_correction("token_mask", check=_band)
+def token_mask(r: TokenRatios, cfg: CorrectionConfig):
+    lower, upper = cfg.bounds()
+    return torch.ones_like(r.w), r.valid & (r.w >= lower) & (r.w <= upper), r.nothing_truncated()
+
+
+@register_correction("seq_tis", check=_cap_above_one)
+def seq_tis(r: TokenRatios, cfg: CorrectionConfig):
+    rho = clamped_exp(r.log_w.sum(dim=-1))  # rho_i = prod_t w_t, clamped so exp cannot overflow
+    weights = rho[:, None].expand_as(r.log_w).clone()
+    return weights.clamp(max=cfg.cap), r.valid, r.valid & (weights > cfg.cap)
+
+
+@register_correction("seq_mask", check=_band)
+def seq_mask(r: TokenRatios, cfg: CorrectionConfig):
+    lower, upper = cfg.bounds()
+    log_rho = r.log_w.sum(dim=-1)
+    keep = (log_rho >= math.log(lower)) & (log_rho <= math.log(upper))
+    return torch.ones_like(r.log_w), r.keep_sequences(keep), r.nothing_truncated()
+
+
+@register_correction("geo_mask")
+def geo_mask(r: TokenRatios, cfg: CorrectionConfig):
+    log_geo = r.log_w.sum(dim=-1) / r.tokens()
+    keep = (log_geo >= math.log(cfg.geo_low)) & (log_geo <= math.log(cfg.geo_high))
+    return torch.ones_like(r.log_w), r.keep_sequences(keep), r.nothing_truncated()
+
+
+@register_correction("k3_filter")
+def k3_filter(r: TokenRatios, cfg: CorrectionConfig):
+    keep = r.k3.sum(dim=-1) / r.tokens() <= cfg.k3_threshold
+    return torch.ones_like(r.log_w), r.keep_sequences(keep), r.nothing_truncated()

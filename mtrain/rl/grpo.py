@@ -14,7 +14,7 @@ The train/rollout mismatch of the batch is measured every step (:func:`mismatch_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -23,19 +23,19 @@ from mtrain.models.generate import Generation, recompute
 from mtrain.models.routing import RoutingTrace
 
 from .advantages import frac_zero_std, group_advantages
+from .choices import OLD_LOGPROBS, REPLAY_MODES
 from .corrections import CorrectionConfig, rollout_correction
 from .losses import aggregate, kl_penalty, policy_loss
 from .mismatch import mismatch_metrics, routing_disagreement, trainer_recompute
 
-REPLAY_MODES = ("off", "r3", "r2")
-OLD_LOGPROBS = ("decoupled", "bypass")
-
-
 @dataclass(frozen=True)
 class LossSettings:
-    """The policy objective: ``kind`` ppo | gspo, clip range, dual clip, aggregation, KL to a reference."""
+    """The policy objective: a registered policy loss (``loss``: ppo | gspo | ...), clip range, dual clip, a
+    registered aggregation, the KL to a reference with a registered estimator, and each piece's own options
+    (``*_args``: ``task.loss_args``, ...). Field names are the task's config keys (built by name,
+    ``mtrain.job.settings.settings_from``); the defaults are the schema's (a test keeps them equal)."""
 
-    kind: str = "ppo"
+    loss: str = "ppo"
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: Optional[float] = None
@@ -43,16 +43,20 @@ class LossSettings:
     norm_len: Optional[int] = None  # seq-mean-token-sum-norm: the fixed length (max_new_tokens)
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    loss_args: Mapping[str, Any] = field(default_factory=dict)
+    loss_agg_args: Mapping[str, Any] = field(default_factory=dict)
+    kl_estimator_args: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class MismatchSettings:
     """How a step deals with the engine's numbers: routing replay, old logprobs (``decoupled``: the trainer's
-    recompute; ``bypass``: the engine's), and the IS correction."""
+    recompute; ``bypass``: the engine's), and the IS correction (``task.routing_replay`` and
+    ``task.rollout_correction``, by name)."""
 
     routing_replay: str = "off"
     old_logprobs: str = "decoupled"
-    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    rollout_correction: CorrectionConfig = field(default_factory=CorrectionConfig)
 
     def __post_init__(self) -> None:
         if self.routing_replay not in REPLAY_MODES:
@@ -102,10 +106,12 @@ class OldPolicy:
     replay: Optional[dict[int, torch.Tensor]]  # what the updates replay (r3: the rollout's ids, r2: the trainer's)
 
 
-def advantages_of(rewards: torch.Tensor, group_size: int, mode: str, norm_std: bool) -> tuple[torch.Tensor, float]:
-    """Per-response advantages [B] of rewards [B] laid out group after group, and the fraction of zero-std groups."""
+def advantages_of(rewards: torch.Tensor, group_size: int, mode: str, norm_std: bool,
+                  options: Optional[Mapping[str, Any]] = None) -> tuple[torch.Tensor, float]:
+    """Per-response advantages [B] of rewards [B] laid out group after group (by the registered estimator ``mode``
+    with its ``options``), and the fraction of zero-std groups."""
     grouped = rewards.view(-1, group_size)
-    return group_advantages(grouped, mode, norm_std).reshape(-1), frac_zero_std(grouped)
+    return group_advantages(grouped, mode, norm_std, options=options).reshape(-1), frac_zero_std(grouped)
 
 
 @torch.no_grad()
@@ -148,11 +154,13 @@ def minibatch_loss(model: MoECausalLM, batch: StepBatch, rows: torch.Tensor, s: 
         weights, mask, cstats = rollout_correction(logp.detach(), sub.logprobs, sub.mask.float(), bypass_correction)
         extra = {f"correction/{k}": v for k, v in cstats.items()}
     loss, stats = policy_loss(
-        logp, batch.old_logprobs[rows], batch.advantages[rows], mask, kind=s.kind, clip_low=s.clip_low,
+        logp, batch.old_logprobs[rows], batch.advantages[rows], mask, kind=s.loss, clip_low=s.clip_low,
         clip_high=s.clip_high, dual_clip=s.dual_clip, loss_agg=s.loss_agg, norm_len=s.norm_len, is_weights=weights,
+        options=s.loss_args, agg_options=s.loss_agg_args,
     )
     if s.kl_coef > 0:
-        kl = aggregate(kl_penalty(logp, batch.ref_logprobs[rows], s.kl_estimator), mask, s.loss_agg, s.norm_len)
+        kl = aggregate(kl_penalty(logp, batch.ref_logprobs[rows], s.kl_estimator, s.kl_estimator_args), mask,
+                       s.loss_agg, s.norm_len, s.loss_agg_args)
         loss = loss + s.kl_coef * kl
         stats["kl_ref"] = kl.detach()
     stats["entropy"] = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)

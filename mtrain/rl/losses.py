@@ -3,22 +3,42 @@
 Per-response tensors are ``[B, T]`` (B responses, T response-token positions, right-padded) with a ``mask [B, T]``
 (float or bool; nonzero = a real response token that counts). Masked-out positions may hold any value (even inf or
 nan): they leave every numerator and denominator. Log-probs are fp32. Pure torch; no Lightning or Hydra here.
+
+Three registries, chosen by name in the config (:mod:`mtrain.registry`):
+
+- policy losses (``task.loss``, :func:`register_policy_loss`): ``fn(logp, logp_old, advantages, mask, *, ...)
+  -> (loss, stats)``, with ``advantages`` per token ``[B, T]`` (detached, 0 outside the mask) and ``mask`` bool. The
+  framework hands ``clip_low``, ``clip_high``, ``dual_clip``, ``is_weights`` and ``agg`` (``agg(values, mask)``: the
+  configured aggregation) to those that name them; other options come from ``task.loss_args``.
+- aggregations (``task.loss_agg``, :func:`register_loss_agg`): ``fn(values, mask, *, ...) -> scalar`` with
+  ``values`` 0 outside the bool ``mask``; ``norm_len`` is handed over; options from ``task.loss_agg_args``.
+- KL estimators (``task.kl_estimator``, :func:`register_kl_estimator`): ``fn(logp, logp_ref, *, ...) -> [B, T]``;
+  options from ``task.kl_estimator_args``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-POLICY_LOSS_KINDS = ("ppo", "gspo")
-KL_KINDS = ("k1", "k2", "k3")
-LOG_RATIO_CLAMP = 20.0  # log-ratios are clamped to +-20 before exp (as verl does)
+from mtrain.registry import Registry
+
+from .ratios import LOG_RATIO_CLAMP, clamped_exp
+
+POLICY_LOSSES: Registry = Registry("policy loss kind", inputs=4,
+                                    context=("clip_low", "clip_high", "dual_clip", "is_weights", "agg"))
+LOSS_AGGS: Registry = Registry("loss_agg mode", inputs=2, context=("norm_len",))
+KL_ESTIMATORS: Registry = Registry("KL estimator", inputs=2)
+register_policy_loss = POLICY_LOSSES.register
+register_loss_agg = LOSS_AGGS.register
+register_kl_estimator = KL_ESTIMATORS.register
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: Optional[int] = None) -> torch.Tensor:
-    """Reduce per-token ``values [B, T]`` to a scalar over the tokens where ``mask`` is set.
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: Optional[int] = None,
+              options: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
+    """Reduce per-token ``values [B, T]`` to a scalar over the tokens where ``mask`` is set, by the aggregation
+    registered as ``mode`` (``options``: its own, ``task.loss_agg_args``). The built-in ones:
 
     - ``token-mean``:              ``sum_{b,t} m v / sum_{b,t} m`` (every token of the batch weighs the same; DAPO).
     - ``seq-mean-token-mean``:     ``mean_b [ sum_t m v / sum_t m ]`` over the sequences with >= 1 token (GRPO).
@@ -27,22 +47,33 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: Opt
 
     An all-zero mask gives 0, still connected to ``values``' graph (zero gradient).
     """
-    if mode not in LOSS_AGG_MODES:
-        raise ValueError(f"unknown loss_agg mode {mode!r}; expected one of {LOSS_AGG_MODES}")
+    fn = LOSS_AGGS.bind(mode, {"norm_len": norm_len}, options, where="task.loss_agg_args")
     if values.shape != mask.shape:
         raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must have the same [B, T] shape")
     m = mask.bool()
-    v = torch.where(m, values, torch.zeros_like(values))
-    if mode == "token-mean":
-        return v.sum() / m.sum().clamp(min=1)
+    return fn(torch.where(m, values, torch.zeros_like(values)), m)
+
+
+@register_loss_agg("token-mean")
+def token_mean(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return v.sum() / m.sum().clamp(min=1)
+
+
+@register_loss_agg("seq-mean-token-mean")
+def seq_mean_token_mean(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     tokens = m.sum(dim=-1)  # [B]
-    if mode == "seq-mean-token-mean":
-        per_seq = v.sum(dim=-1) / tokens.clamp(min=1)
-    else:
-        if norm_len is None or norm_len <= 0:
-            raise ValueError(f"loss_agg 'seq-mean-token-sum-norm' needs norm_len > 0 (a fixed max length), "
-                             f"got {norm_len}")
-        per_seq = v.sum(dim=-1) / norm_len
+    return _mean_over_sequences(v.sum(dim=-1) / tokens.clamp(min=1), tokens)
+
+
+@register_loss_agg("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(v: torch.Tensor, m: torch.Tensor, *, norm_len: Optional[int] = None) -> torch.Tensor:
+    if norm_len is None or norm_len <= 0:
+        raise ValueError(f"loss_agg 'seq-mean-token-sum-norm' needs norm_len > 0 (a fixed max length), got {norm_len}")
+    return _mean_over_sequences(v.sum(dim=-1) / norm_len, m.sum(dim=-1))
+
+
+def _mean_over_sequences(per_seq: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_seq [B]`` over the sequences with at least one token."""
     has_tokens = tokens > 0
     return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
@@ -60,11 +91,14 @@ def policy_loss(
     loss_agg: str = "token-mean",
     norm_len: Optional[int] = None,
     is_weights: Optional[torch.Tensor] = None,
+    options: Optional[Mapping[str, Any]] = None,
+    agg_options: Optional[Mapping[str, Any]] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy-gradient loss (to minimise) and its stats.
-
-    Per token, with ratio ``r`` and advantage ``A`` (``advantages`` is ``[B]``, broadcast over tokens, or ``[B, T]``):
-    ``loss_t = max(-r A, -clip(r, 1 - clip_low, 1 + clip_high) A)``  (= ``-min(r A, clip(r) A)``).
+    """The policy loss registered as ``kind`` (to minimise) and its stats (0-dim, detached). ``options``: the
+    loss's own (``task.loss_args``); ``agg_options``: the aggregation's (``task.loss_agg_args``). The built-in ones
+    are the clipped surrogate, per token, with ratio ``r`` and advantage ``A`` (``advantages`` is ``[B]``, broadcast
+    over tokens, or ``[B, T]``): ``loss_t = max(-r A, -clip(r, 1 - clip_low, 1 + clip_high) A)``
+    (= ``-min(r A, clip(r) A)``).
 
     - ``kind="ppo"``:  ``r_t = exp(logp_t - logp_old_t)``.
     - ``kind="gspo"``: the sequence ratio ``s_i = exp(mean_t (logp - logp_old))`` (mean over the masked tokens),
@@ -74,12 +108,16 @@ def policy_loss(
     - ``dual_clip=c`` (c > 1): for ``A < 0`` the loss is also capped, ``min(loss_t, c |A|)``.
     - ``is_weights`` (e.g. TIS weights, detached here) multiply each token's loss before ``aggregate(loss_agg)``.
 
-    Stats (0-dim detached tensors, over the masked tokens): ``clip_frac`` (the clipped term was chosen and differs),
-    ``approx_kl`` (mean k3 of old vs new, ``exp(logp_old - logp) - (logp_old - logp) - 1``), ``ratio_mean``,
-    ``ratio_max``, and ``dual_clip_frac`` (tokens with A < 0 whose loss the dual clip capped) when dual clip is on.
+    Stats (over the masked tokens): ``clip_frac`` (the clipped term was chosen and differs), ``approx_kl`` (mean k3
+    of old vs new, ``exp(logp_old - logp) - (logp_old - logp) - 1``), ``ratio_mean``, ``ratio_max``, and
+    ``dual_clip_frac`` (tokens with A < 0 whose loss the dual clip capped) when dual clip is on.
     """
-    if kind not in POLICY_LOSS_KINDS:
-        raise ValueError(f"unknown policy loss kind {kind!r}; expected one of {POLICY_LOSS_KINDS}")
+    def agg(values: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return aggregate(values, m, loss_agg, norm_len, agg_options)
+
+    context = {"clip_low": clip_low, "clip_high": clip_high, "dual_clip": dual_clip, "is_weights": is_weights,
+               "agg": agg}
+    fn = POLICY_LOSSES.bind(kind, context, options, where="task.loss_args")
     if not 0.0 <= clip_low < 1.0:
         raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
     if clip_high < 0.0:
@@ -90,16 +128,40 @@ def policy_loss(
         raise ValueError(
             f"logp {tuple(logp.shape)}, logp_old {tuple(logp_old.shape)} and mask {tuple(mask.shape)} must be [B, T]"
         )
+    if is_weights is not None and is_weights.shape != logp.shape:
+        raise ValueError(f"is_weights {tuple(is_weights.shape)} must match logp {tuple(logp.shape)}")
     m = mask.bool()
     adv = torch.where(m, _per_token(advantages, logp), torch.zeros_like(logp))
-    log_ratio = torch.where(m, logp - logp_old, torch.zeros_like(logp))
-    if kind == "ppo":
-        ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
-    else:
-        seq_log_ratio = log_ratio.sum(dim=-1, keepdim=True) / m.sum(dim=-1, keepdim=True).clamp(min=1)
-        token_log_ratio = seq_log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) + (logp - logp.detach())
-        ratio = torch.where(m, token_log_ratio, torch.zeros_like(logp)).exp()
+    loss, stats = fn(logp, logp_old, adv, m)
+    return loss, {k: v.detach() for k, v in stats.items()}
 
+
+@register_policy_loss("ppo")
+def ppo(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, m: torch.Tensor, *, clip_low: float,
+        clip_high: float, dual_clip: Optional[float], is_weights: Optional[torch.Tensor], agg: Callable):
+    """The token ratio ``r_t = exp(logp_t - logp_old_t)`` in the clipped surrogate."""
+    log_ratio = torch.where(m, logp - logp_old, torch.zeros_like(logp))
+    ratio = clamped_exp(log_ratio)
+    return clipped_surrogate(ratio, log_ratio, adv, m, clip_low, clip_high, dual_clip, is_weights, agg)
+
+
+@register_policy_loss("gspo")
+def gspo(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, m: torch.Tensor, *, clip_low: float,
+         clip_high: float, dual_clip: Optional[float], is_weights: Optional[torch.Tensor], agg: Callable):
+    """The sequence ratio ``s_i = exp(mean_t (logp - logp_old))``, token-wise ``sg[s_i] * exp(logp_t - sg[logp_t])``,
+    in the clipped surrogate."""
+    log_ratio = torch.where(m, logp - logp_old, torch.zeros_like(logp))
+    seq_log_ratio = log_ratio.sum(dim=-1, keepdim=True) / m.sum(dim=-1, keepdim=True).clamp(min=1)
+    token_log_ratio = seq_log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) + (logp - logp.detach())
+    ratio = torch.where(m, token_log_ratio, torch.zeros_like(logp)).exp()
+    return clipped_surrogate(ratio, log_ratio, adv, m, clip_low, clip_high, dual_clip, is_weights, agg)
+
+
+def clipped_surrogate(ratio: torch.Tensor, log_ratio: torch.Tensor, adv: torch.Tensor, m: torch.Tensor,
+                      clip_low: float, clip_high: float, dual_clip: Optional[float],
+                      is_weights: Optional[torch.Tensor], agg: Callable) -> tuple[torch.Tensor, dict]:
+    """``agg`` of ``max(-A r, -A clip(r))`` per token (capped at ``dual_clip |A|`` for A < 0, times the detached
+    ``is_weights``), and the stats of :func:`policy_loss`. ``log_ratio``: ``logp - logp_old``, 0 outside ``m``."""
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(unclipped, clipped)
@@ -110,8 +172,6 @@ def policy_loss(
         loss = torch.where(adv < 0, torch.minimum(loss, cap), loss)
         stats["dual_clip_frac"] = _masked_mean(capped.float(), m)
     if is_weights is not None:
-        if is_weights.shape != logp.shape:
-            raise ValueError(f"is_weights {tuple(is_weights.shape)} must match logp {tuple(logp.shape)}")
         loss = loss * torch.where(m, is_weights.detach().to(loss.dtype), torch.zeros_like(loss))
 
     with torch.no_grad():
@@ -119,20 +179,30 @@ def policy_loss(
         stats["approx_kl"] = _masked_mean(d.exp() - d - 1.0, m)
         stats["ratio_mean"] = _masked_mean(ratio, m)
         stats["ratio_max"] = torch.where(m, ratio, torch.zeros_like(ratio)).amax() if m.any() else ratio.new_zeros(())
-    return aggregate(loss, m, loss_agg, norm_len), {k: v.detach() for k, v in stats.items()}
+    return agg(loss, m), stats
 
 
-def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token estimator of KL(pi || pi_ref) on tokens sampled from pi, with ``d = logp_ref - logp``:
-    ``k1 = -d``, ``k2 = d^2 / 2``, ``k3 = exp(d) - d - 1`` (unbiased and >= 0; d clamped to +-20 first)."""
-    if kind not in KL_KINDS:
-        raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_KINDS}")
-    d = logp_ref - logp
-    if kind == "k1":
-        return -d
-    if kind == "k2":
-        return 0.5 * d.square()
-    d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, kind: str,
+               options: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
+    """Per-token estimator of KL(pi || pi_ref) on tokens sampled from pi, registered as ``kind`` (``options``: its
+    own, ``task.kl_estimator_args``). The built-in ones, with ``d = logp_ref - logp``: ``k1 = -d``,
+    ``k2 = d^2 / 2``, ``k3 = exp(d) - d - 1`` (unbiased and >= 0; d clamped to +-20 first)."""
+    return KL_ESTIMATORS.bind(kind, {}, options, where="task.kl_estimator_args")(logp, logp_ref)
+
+
+@register_kl_estimator("k1")
+def k1(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    return -(logp_ref - logp)
+
+
+@register_kl_estimator("k2")
+def k2(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (logp_ref - logp).square()
+
+
+@register_kl_estimator("k3")
+def k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    d = (logp_ref - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return d.exp() - d - 1.0
 
 

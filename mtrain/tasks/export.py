@@ -1,6 +1,6 @@
 """``task=export``: write an HF checkpoint for a rollout engine with the gate in the dtype the RL decision asks for
 (fp32 under ``rl=on`` / ``FD_ENABLE_RL=1``, else the model dtype) and ``mtrain_precision.json`` recording the policy.
-Loading it back under another policy warns (or refuses, ``gate_mismatch="error"``) -- see ``mtrain.models.checkpoint``.
+Loading it back under another policy warns (or refuses, ``gate_mismatch="error"``) -- see ``mtrain.models.gate_check``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from mtrain.config import ConfigError
 from mtrain.disk import reporting_full_disk
 from mtrain.job import Job, export_bytes, model_from_config
 from mtrain.models import CheckpointError, save_pretrained
-from mtrain.models.checkpoint import read_precision_record
+from mtrain.models.gate_check import read_precision_record
 
 log = logging.getLogger(__name__)
 

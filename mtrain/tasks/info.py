@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from mtrain.config import ENV_VAR
-from mtrain.job import Job
+from mtrain.job import Job, write_json
 
 
 def run(job: Job) -> dict[str, Any]:
@@ -49,6 +48,5 @@ def run(job: Job) -> dict[str, Any]:
         print(f"  {key:<14} {str(value):<12} {source}".rstrip())
     for w in plan.warnings:
         print(f"  warning: {w}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(out / "info.json", info)
     return info

@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 
 from mtrain.config import ConfigError
 from mtrain.data import DataError, build_datamodule, load_tokenizer
-from mtrain.job import Job, model_from_config
+from mtrain.job import Job, model_from_config, write_json
+from mtrain.job.settings import settings_from
 from mtrain.models import PrecisionPolicy, build_model
 from mtrain.plots import figure
 from mtrain.rl.engines import RolloutRequest, SamplingConfig, build_engine
@@ -67,7 +68,7 @@ def run(job: Job) -> dict:
         name, exact = choose_engine(task.engine, task.exact, plan.rl, False)
     except ValueError as e:
         raise ConfigError(f"task.engine / task.exact: {e}") from None
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if task.device == "auto" else task.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if task.device == "auto" else str(task.device)
     trainer_rope = cfg.model.rope_fp32 if task.trainer_rope_fp32 is None else task.trainer_rope_fp32
     trainer_policy = PrecisionPolicy(gate_fp32=task.trainer_gate_fp32, rope_fp32=bool(trainer_rope))
     for policy in (plan.policy, trainer_policy):
@@ -86,7 +87,7 @@ def run(job: Job) -> dict:
 
     engine = build_engine(name, model=rollout, eos_ids=eos, pad_id=pad_id, **({"exact": exact} if name == "fast"
                                                                               else {}))
-    sampling = SamplingConfig(task.max_new_tokens, task.temperature, task.top_p)
+    sampling = settings_from(SamplingConfig, task)
     out_rollout = engine.generate(RolloutRequest(prompts, sampling, seed=task.seed))
     gen, rollout_s = out_rollout.gen, out_rollout.seconds
     start = time.perf_counter()
@@ -120,7 +121,7 @@ def run(job: Job) -> dict:
 
 def _write(out: Path, metrics: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)
     with open(out / "tokens.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["sequence"])
         writer.writeheader()

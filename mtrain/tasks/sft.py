@@ -17,7 +17,9 @@ from typing import Any
 from mtrain.config import ConfigError
 from mtrain.job import Job, accuracy_examples, export_hf, finish, greedy_accuracy, start_job
 from mtrain.job.preflight import routing_settings
-from mtrain.lit import LossCurve, MoELitModule, build_trainer, csv_log
+from mtrain.job.records import pct
+from mtrain.job.settings import settings_from
+from mtrain.lit import LossCurve, MoELitModule, OptimSettings, build_trainer, csv_log
 from mtrain.lit.resume import check_resume, resume_path
 from mtrain.lit.routing import RoutingHealth
 from mtrain.models.flops import peak_tflops
@@ -25,10 +27,6 @@ from mtrain.models.flops import peak_tflops
 log = logging.getLogger("mtrain")
 
 LAST_K = 10  # train_loss_last = mean of the last LAST_K training batches
-
-
-def _pct(x: Any) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def run(job: Job) -> dict[str, Any]:
@@ -65,11 +63,8 @@ def run(job: Job) -> dict[str, Any]:
         else:  # compiled after sharding, in configure_model
             s.fsdp.compile = True
     health = RoutingHealth.of(routing_settings(cfg.model), out, every=cfg.trainer.log_every_n_steps)
-    lit = MoELitModule(
-        model, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
-        betas=tuple(t.betas), eps=t.eps, peak_tflops=peak_tflops(t.peak_tflops, s.cuda), sharding=s.fsdp,
-        router_losses=health.losses,
-    )
+    lit = MoELitModule(model, settings_from(OptimSettings, t), peak_tflops=peak_tflops(t.peak_tflops, s.cuda),
+                       sharding=s.fsdp, router_losses=health.losses)
     if ckpt:
         check_resume(ckpt, lit, sharded=s.fsdp is not None)
     has_val = dm.val_set is not None
@@ -140,7 +135,7 @@ def print_summary(m: dict[str, Any]) -> None:
     f = m["files"]
     acc = ""
     if "val_accuracy" in m:
-        acc = f", accuracy {_pct(m.get('val_accuracy_before'))} -> {_pct(m['val_accuracy'])} ({m['accuracy_examples']} val examples)"
+        acc = f", accuracy {pct(m.get('val_accuracy_before'))} -> {pct(m['val_accuracy'])} ({m['accuracy_examples']} val examples)"
     val = f", val loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else ""
     first, last = m.get("train_loss_first"), m.get("train_loss_last")
     loss = f"train loss {first:.3f} -> {last:.3f}" if first is not None else "no training steps"

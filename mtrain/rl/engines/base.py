@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar, Iterable, Optional
 import torch
 
 from mtrain.models.generate import Generation
+from mtrain.registry import Registry
 
 SCORINGS = ("standard", "invariant")
 
@@ -73,37 +74,31 @@ class RolloutEngine:
         return self.name
 
 
-ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
+ENGINES: Registry = Registry("rollout engine", inputs=0)
 
 
 def register_engine(name: str) -> Callable[[type], type]:
     """Class decorator: make an engine buildable by name (``task.engine=<name>``)."""
+    add = ENGINES.register(name)
 
-    def add(cls: type) -> type:
-        if name in ENGINES and ENGINES[name] is not cls:
-            raise ValueError(f"rollout engine {name!r} is already registered ({ENGINES[name].__name__})")
+    def register(cls: type) -> type:
+        cls = add(cls)
         cls.name = name
-        ENGINES[name] = cls
         return cls
 
-    return add
+    return register
 
 
 def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
-    if name not in ENGINES:
-        raise ValueError(f"rollout engine {name!r} is not one of {', '.join(sorted(ENGINES))}")
-    return ENGINES[name](**kwargs)
-
-
-ENGINE_CHOICES = ("auto", "fast", "recompute", "file")
+    return ENGINES.get(name)(**kwargs)
 
 
 def choose_engine(engine: str, exact: Optional[bool], rl: bool, from_file: bool) -> tuple[str, bool]:
     """The engine a job runs and whether it is exact: ``auto`` is ``file`` with a rollout file, else ``fast``;
     ``exact`` (null) follows the RL decision: under ``rl=on`` the fast engine runs exact. ValueError names a choice
-    that cannot work."""
-    if engine not in ENGINE_CHOICES:
-        raise ValueError(f"engine={engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    that cannot work; an engine registered by another module runs with ``exact`` as given."""
+    if engine != "auto" and engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not one of auto, {', '.join(ENGINES.names())}")
     if from_file:
         if engine not in ("auto", "file"):
             raise ValueError(f"engine={engine} samples in-process, but task.rollouts_path gives the rollouts; drop one")
@@ -115,4 +110,6 @@ def choose_engine(engine: str, exact: Optional[bool], rl: bool, from_file: bool)
             raise ValueError("the recompute engine is exact by construction (the trainer's own forward); use "
                              "engine=fast exact=false for an engine that is not")
         return "recompute", True
+    if engine not in ("auto", "fast"):
+        return engine, bool(exact)
     return "fast", rl if exact is None else bool(exact)

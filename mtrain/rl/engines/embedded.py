@@ -26,7 +26,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from mtrain.models import MoECausalLM, PrecisionPolicy, build_model
-from mtrain.models.checkpoint import dtype_of
+from mtrain.models.factory import dtype_of
 from mtrain.models.decoding import Decoder
 from mtrain.models.generate import generate
 
