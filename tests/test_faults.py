@@ -481,7 +481,7 @@ def test_a_full_disk_is_told_apart_from_other_write_errors(tmp_path, monkeypatch
             Path(filename).write_bytes(b"half a shard")
             raise error
 
-        monkeypatch.setattr("mtrain.models.checkpoint.save_file", half_way)
+        monkeypatch.setattr("mtrain.models.saving.save_file", half_way)
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     monkeypatch.setattr(mtrain.disk, "free_bytes", lambda path: 100_000)  # less than either write needs

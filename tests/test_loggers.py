@@ -120,7 +120,7 @@ def test_mlflow_run_has_the_metrics_params_and_plot(logged):
     assert steps[0] == 1 and steps[-1] == 11 and steps == sorted(steps)  # both jobs' steps
     assert run.data.metrics["final/steps"] == 12
     assert run.data.metrics["final/val_loss"] == pytest.approx(logged["resumed"]["val_loss"])
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss_curve.png"]
+    assert "plots/loss_curve.png" in [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
     assert logged["resumed"]["files"]["loggers"]["mlflow"] == f"{logged['uri']} run {run.info.run_id}"
 
 

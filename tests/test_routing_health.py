@@ -24,15 +24,16 @@ GRPO = ["task=grpo", "trainer.enable_progress_bar=false", "data.num_train=64", "
 
 def run_task(tmp_path, name, *overrides, callbacks=()):
     """Run a task in-process: (its metrics, its run dir); ``callbacks`` join the task's trainer."""
-    from mtrain.tasks import eval as eval_task, get_task, grpo as grpo_task, sft as sft_task
+    from mtrain.tasks import eval as eval_task, get_task, sft as sft_task
+    from mtrain.tasks.grpo import task as grpo_task
 
     job = Job.prepare(compose_cfg(list(overrides)), tmp_path / name)
     mp = pytest.MonkeyPatch()
+    extra = list(callbacks)
     for task in (sft_task, eval_task, grpo_task):
         build = task.build_trainer
         mp.setattr(task, "build_trainer",
                    lambda *a, callbacks=(), _build=build, **kw: _build(*a, callbacks=[*callbacks, *extra], **kw))
-    extra = list(callbacks)
     try:
         with job.plan.job_env():
             return get_task(job.cfg.task.name)(job), job.dir
