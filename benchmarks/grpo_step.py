@@ -43,7 +43,7 @@ def clock(fn):
 
 
 def profile(rl: bool):
-    policy = PrecisionPolicy(gate_fp32=rl, rope_fp32=rl)
+    policy = PrecisionPolicy(moe_gate_fp32=rl, rope_fp32=rl)
     return policy, ("exact" if rl else "fast")
 
 

@@ -88,12 +88,15 @@ class PrecisionPlan:
     rl_source: str
     export_env: Optional[str] = None  # value of FD_ENABLE_RL to put into the job's environment; None = leave as is
     warnings: Tuple[str, ...] = ()
+    exact_rollout: bool = False  # the rollout engine's exact mode (logprobs and experts = the trainer's, bit for bit)
+    exact_source: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "moe_gate_fp32": {"value": self.moe_gate_fp32, "source": self.source},
             "rope_fp32": {"value": self.rope_fp32, "source": self.rope_source},
             "rl": {"value": self.rl, "source": self.rl_source},
+            "exact_rollout": {"value": self.exact_rollout, "source": self.exact_source},
             "export_env": self.export_env,
             "warnings": list(self.warnings),
         }
@@ -109,12 +112,14 @@ class PrecisionPlan:
             rl_source=str(d["rl"]["source"]),
             export_env=d.get("export_env"),
             warnings=tuple(d.get("warnings") or ()),
+            exact_rollout=bool((d.get("exact_rollout") or {}).get("value", False)),
+            exact_source=str((d.get("exact_rollout") or {}).get("source", "default")),
         )
 
     @property
     def policy(self) -> PrecisionPolicy:
         """What the lower layers apply: the router and RoPE precision (and, from them, TF32 and FSDP units)."""
-        return PrecisionPolicy(gate_fp32=self.moe_gate_fp32, rope_fp32=self.rope_fp32)
+        return PrecisionPolicy(moe_gate_fp32=self.moe_gate_fp32, rope_fp32=self.rope_fp32)
 
     @contextlib.contextmanager
     def job_env(self) -> Iterator[None]:
@@ -135,7 +140,8 @@ class PrecisionPlan:
     def summary(self) -> str:
         return (
             f"moe_gate_fp32={_fmt(self.moe_gate_fp32)} [{self.source}], "
-            f"rope_fp32={_fmt(self.rope_fp32)} [{self.rope_source}]"
+            f"rope_fp32={_fmt(self.rope_fp32)} [{self.rope_source}], "
+            f"exact_rollout={_fmt(self.exact_rollout)} [{self.exact_source}]"
         )
 
 
@@ -191,7 +197,22 @@ def decide_precision(
 
     gate, gate_source = pick("moe_gate_fp32", gate_override)
     rope, rope_source = pick("rope_fp32", rope_override)
-    return PrecisionPlan(gate, rope, gate_source, rope_source, rl, rl_source, export, tuple(warnings))
+    # the rollout engine's exact mode follows the RL decision (a task's explicit task.exact overrides it:
+    # prepare_run)
+    return PrecisionPlan(gate, rope, gate_source, rope_source, rl, rl_source, export, tuple(warnings), rl, rl_source)
+
+
+def with_exact_override(plan: PrecisionPlan, exact: Optional[bool]) -> PrecisionPlan:
+    """The plan with a task's explicit ``task.exact`` in place of the RL decision's exact rollout (a warning when it
+    goes against RL alignment)."""
+    if exact is None:
+        return plan
+    warnings = plan.warnings
+    if plan.rl and not exact:
+        warnings += (f"task.exact=false (override) with RL alignment on [{plan.rl_source}]: the rollout engine's "
+                     "logprobs and experts will differ from the trainer's recompute (mismatch/* shows by how much)",)
+    return dataclasses.replace(plan, exact_rollout=bool(exact), exact_source=f"task.exact={_fmt(bool(exact))} "
+                               "(override)", warnings=warnings)
 
 
 def dtype_for_precision(precision: Any) -> str:
@@ -225,7 +246,7 @@ def gpus_per_node(accelerator: Any, devices: Any) -> Optional[int]:
 
 
 RESOLVERS = {
-    "mtrain.gate_fp32": _gate_fp32_resolver,  # ${mtrain.gate_fp32:${rl.mode}}
+    "mtrain.moe_gate_fp32": _gate_fp32_resolver,  # ${mtrain.moe_gate_fp32:${rl.mode}}
     "mtrain.rope_fp32": _rope_fp32_resolver,  # ${mtrain.rope_fp32:${rl.mode}}
     "mtrain.dtype": dtype_for_precision,  # ${mtrain.dtype:${trainer.precision}}
     "mtrain.dir_name": dir_name,  # hydra.sweep.subdir: ${mtrain.dir_name:${hydra.job.override_dirname}}
@@ -312,6 +333,7 @@ def prepare_run(cfg: DictConfig) -> Tuple[DictConfig, PrecisionPlan]:
     plan = decide_precision(
         _override(model, "moe_gate_fp32"), str(cfg.rl.mode), os.environ, _override(model, "rope_fp32")
     )
+    plan = with_exact_override(plan, cfg.task.get("exact") if isinstance(cfg.get("task"), DictConfig) else None)
     dtype_override = None if OmegaConf.is_interpolation(model, "dtype") else model.dtype
 
     out = _resolve_copy(cfg)

@@ -61,7 +61,7 @@ def test_qwen3_forward_aux_loss_and_gate_gradient_equal_transformers(tmp_path):
     the loss mtrain adds from the routing its forward produced: value, and the gradient on every gate weight."""
     hf = tm.hf_model("qwen3_moe", dict(num_experts=8, num_hidden_layers=3, decoder_sparse_step=1, norm_topk_prob=True))
     hf.save_pretrained(tmp_path)
-    ours = from_pretrained(tmp_path, policy=PrecisionPolicy(gate_fp32=True))
+    ours = from_pretrained(tmp_path, policy=PrecisionPolicy(moe_gate_fp32=True))
     ids = torch.randint(0, 101, (3, 7), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 4:] = 0

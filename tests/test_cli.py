@@ -146,7 +146,7 @@ def test_import_registers_resolvers_in_a_fresh_process():
     """What a joblib/submitit worker or a Lightning subprocess does: import mtrain, then resolve."""
     code = (
         "import mtrain; from omegaconf import OmegaConf; "
-        "c = OmegaConf.create({'rl': {'mode': 'on'}, 'g': '${mtrain.gate_fp32:${rl.mode}}'}); print(c.g)"
+        "c = OmegaConf.create({'rl': {'mode': 'on'}, 'g': '${mtrain.moe_gate_fp32:${rl.mode}}'}); print(c.g)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert r.returncode == 0, r.stderr

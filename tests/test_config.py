@@ -331,6 +331,28 @@ def test_saved_resolved_config(tmp_path, compose_config):
     assert PrecisionPlan.from_dict(saved["precision"]) == plan
 
 
+@pytest.mark.parametrize("overrides, env, value, source", [
+    (["rl=on", "task=grpo"], None, True, "rl=on"),
+    (["rl=off", "task=grpo"], None, False, "rl=off"),
+    (["task=grpo"], "1", True, "FD_ENABLE_RL=1"),
+    (["rl=on", "task=grpo", "task.exact=false"], None, False, "task.exact=false (override)"),
+    (["rl=off", "task=mismatch", "task.exact=true"], None, True, "task.exact=true (override)"),
+])
+def test_the_exact_rollout_is_part_of_the_one_precision_decision(monkeypatch, compose_config, overrides, env, value,
+                                                                  source):
+    """The rollout engine's exact mode is decided with the gate and RoPE, recorded with its source, and what the
+    tasks read (rl=on with exact off warns: train and rollout will disagree)."""
+    if env is not None:
+        monkeypatch.setenv("FD_ENABLE_RL", env)
+    resolved, plan = prepare_run(compose_config(overrides))
+    assert (plan.exact_rollout, plan.exact_source) == (value, source)
+    assert resolved.precision.exact_rollout == {"value": value, "source": source}
+    assert any("task.exact=false" in w for w in plan.warnings) == (overrides[-1] == "task.exact=false")
+    from mtrain.rl.engines.base import choose_engine
+
+    assert choose_engine("auto", plan.exact_rollout, False) == ("fast", value)
+
+
 def test_prepare_run_is_idempotent(monkeypatch, compose_config):
     monkeypatch.setenv("FD_ENABLE_RL", "1")
     resolved, plan = prepare_run(compose_config(["model=qwen3_moe"]))
@@ -341,8 +363,8 @@ def test_prepare_run_is_idempotent(monkeypatch, compose_config):
 def test_resolver_registration_is_idempotent():
     register_resolvers()
     register_resolvers()
-    assert OmegaConf.has_resolver("mtrain.gate_fp32")
-    cfg = OmegaConf.create({"rl": {"mode": "on"}, "g": "${mtrain.gate_fp32:${rl.mode}}"})
+    assert OmegaConf.has_resolver("mtrain.moe_gate_fp32")
+    cfg = OmegaConf.create({"rl": {"mode": "on"}, "g": "${mtrain.moe_gate_fp32:${rl.mode}}"})
     assert cfg.g is True
 
 

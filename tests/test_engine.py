@@ -81,7 +81,7 @@ def test_seeds_draw_per_row_whatever_the_batch():
 
 
 def test_weight_hand_over_reaches_the_fast_engine_and_keeps_the_fp32_gate():
-    policy = PrecisionPolicy(gate_fp32=True, rope_fp32=True)
+    policy = PrecisionPolicy(moe_gate_fp32=True, rope_fp32=True)
     trainer = decisive("glm4_moe", policy=policy, dtype=torch.bfloat16)
     engine = FastEngine(copy_of=trainer, policy=policy, exact=True)
     request = RolloutRequest(RAGGED, SamplingConfig(6, temperature=1.0), seed=3)

@@ -64,7 +64,7 @@ def test_weight_handover_keeps_an_fp32_gate_and_refuses_a_downcast():
     from mtrain.models import Glm4MoeConfig, PrecisionPolicy, build_model
     from mtrain.rl.engines import FastEngine
 
-    policy = PrecisionPolicy(gate_fp32=True, rope_fp32=True)
+    policy = PrecisionPolicy(moe_gate_fp32=True, rope_fp32=True)
     trainer = build_model(Glm4MoeConfig(), dtype="bfloat16", policy=policy)
     engine = FastEngine(copy_of=trainer, policy=policy)
     with torch.no_grad():

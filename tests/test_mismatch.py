@@ -37,8 +37,8 @@ def prompts(n=12, seed=1):
     return [torch.randint(3, 64, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
 
 
-def same_weights(cfg, dtype, gate_fp32, rope_fp32, state):
-    model = build_model(cfg, dtype=dtype, policy=PrecisionPolicy(gate_fp32, rope_fp32), init=False)
+def same_weights(cfg, dtype, moe_gate_fp32, rope_fp32, state):
+    model = build_model(cfg, dtype=dtype, policy=PrecisionPolicy(moe_gate_fp32, rope_fp32), init=False)
     model.load_state_dict(state)
     return model.eval()
 

@@ -231,39 +231,40 @@ def test_round_trip_mtrain_save_transformers_load(family, shard, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["glm4_moe", "qwen3_moe"])
-@pytest.mark.parametrize("gate_fp32", [True, False])
-def test_gate_dtype_follows_policy_and_is_recorded(family, gate_fp32, tmp_path, caplog):
+@pytest.mark.parametrize("moe_gate_fp32", [True, False])
+def test_gate_dtype_follows_policy_and_is_recorded(family, moe_gate_fp32, tmp_path, caplog):
     cfg = (Glm4MoeConfig if family == "glm4_moe" else Qwen3MoeConfig)()
-    model = build_model(cfg, dtype="bfloat16", policy=PrecisionPolicy(gate_fp32))
+    model = build_model(cfg, dtype="bfloat16", policy=PrecisionPolicy(moe_gate_fp32))
     gate = model.model.layers[1].mlp.gate
-    assert gate.weight.dtype == (torch.float32 if gate_fp32 else torch.bfloat16)
+    assert gate.weight.dtype == (torch.float32 if moe_gate_fp32 else torch.bfloat16)
     assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
     if family == "glm4_moe":
         assert gate.e_score_correction_bias.dtype == torch.float32
     model.half().to(torch.bfloat16)  # a precision plugin's blanket cast must not touch the fp32 gate
-    assert gate.weight.dtype == (torch.float32 if gate_fp32 else torch.bfloat16)
+    assert gate.weight.dtype == (torch.float32 if moe_gate_fp32 else torch.bfloat16)
     # the router's logits really are computed in fp32 under the policy, also inside autocast
     x = torch.randn(5, cfg.hidden_size, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert gate.logits(x).dtype == (torch.float32 if gate_fp32 else torch.bfloat16)
+        assert gate.logits(x).dtype == (torch.float32 if moe_gate_fp32 else torch.bfloat16)
 
     save_pretrained(model, tmp_path / "ckpt")
     with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as f:
         stored = f.get_slice("model.layers.1.mlp.gate.weight").get_dtype()
-    assert stored == ("F32" if gate_fp32 else "BF16")
+    assert stored == ("F32" if moe_gate_fp32 else "BF16")
     record = json.load(open(tmp_path / "ckpt" / "mtrain_precision.json"))
-    assert record["moe_gate_fp32"] is gate_fp32 and record["gate_dtype"] == ("float32" if gate_fp32 else "bfloat16")
+    assert record["moe_gate_fp32"] is moe_gate_fp32
+    assert record["gate_dtype"] == ("float32" if moe_gate_fp32 else "bfloat16")
 
     # same policy: silent; other policy: one warning, or a refusal when asked
     with caplog.at_level(logging.WARNING):
-        from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(gate_fp32))
+        from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(moe_gate_fp32))
     assert "gate precision mismatch" not in caplog.text
     with caplog.at_level(logging.WARNING):
-        loaded = from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(not gate_fp32))
+        loaded = from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(not moe_gate_fp32))
     assert "gate precision mismatch" in caplog.text and "moe_gate_fp32" in caplog.text
-    assert loaded.gate_dtype() == (torch.float32 if not gate_fp32 else torch.bfloat16)
+    assert loaded.gate_dtype() == (torch.float32 if not moe_gate_fp32 else torch.bfloat16)
     with pytest.raises(CheckpointError, match="gate precision mismatch"):
-        from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(not gate_fp32), gate_mismatch="error")
+        from_pretrained(tmp_path / "ckpt", policy=PrecisionPolicy(not moe_gate_fp32), gate_mismatch="error")
 
 
 def test_published_bf16_gate_is_upcast_quietly_and_a_downcast_export_is_flagged(tmp_path, caplog):
@@ -425,7 +426,7 @@ def test_fp32_gate_forward_is_the_fp32_gemm_and_its_backward_keeps_the_weight_gr
 
     T, H, E = 64, 32, 8
     g = torch.Generator().manual_seed(0)
-    router = SoftmaxTopKRouter(H, E, 2, fp32=True, norm_topk_prob=True)
+    router = SoftmaxTopKRouter(H, E, 2, moe_gate_fp32=True, norm_topk_prob=True)
     torch.nn.init.normal_(router.weight, generator=g)
     router.to(torch.bfloat16)
     assert router.weight.dtype == torch.float32
@@ -475,7 +476,7 @@ def test_rope_fp32_rotates_in_fp32_and_changes_the_bf16_model():
 
     x = torch.randn(2, 7, 4, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     pos = torch.arange(7).expand(2, 7) * 997  # large positions: bf16 cos/sin lose digits
-    on, off = RotaryEmbedding(16, 1e6, fp32=True), RotaryEmbedding(16, 1e6, fp32=False)
+    on, off = RotaryEmbedding(16, 1e6, rope_fp32=True), RotaryEmbedding(16, 1e6, rope_fp32=False)
     cos, sin = on(pos)
     rotated = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
     by_hand = (x.float() * cos[:, :, None] + rotated.float() * sin[:, :, None]).to(torch.bfloat16)
@@ -489,7 +490,7 @@ def test_rope_fp32_rotates_in_fp32_and_changes_the_bf16_model():
     for rope in (True, False):
         model = build_model(cfg, dtype="bfloat16", policy=PrecisionPolicy(True, rope_fp32=rope), init=False)
         model.load_state_dict(state)
-        assert model.rope_fp32 is rope and all(layer.self_attn.rope.fp32 is rope for layer in model.model.layers)
+        assert model.rope_fp32 is rope and all(layer.self_attn.rope.rope_fp32 is rope for layer in model.model.layers)
         with torch.no_grad():
             logits[rope] = model(ids)
     assert not torch.equal(logits[True], logits[False])

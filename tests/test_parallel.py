@@ -118,9 +118,10 @@ def _worker(out_dir: Path, ckpt: Path) -> None:
 
     # 1. the gate inside the sharded step, bf16 mixed precision (fp32 master weights, bf16 compute)
     data = batches()
-    for name, gate_fp32, own_unit in (("fp32", True, True), ("model_dtype", False, False), ("no_own_unit", True, False)):
-        model = build_model(cfg, device="meta", policy=PrecisionPolicy(gate_fp32), init=False)
-        apply_fsdp(model, mesh, param_dtype=torch.bfloat16, reduce_dtype=torch.float32, gate_fp32=own_unit)
+    for name, moe_gate_fp32, own_unit in (("fp32", True, True), ("model_dtype", False, False),
+                                          ("no_own_unit", True, False)):
+        model = build_model(cfg, device="meta", policy=PrecisionPolicy(moe_gate_fp32), init=False)
+        apply_fsdp(model, mesh, param_dtype=torch.bfloat16, reduce_dtype=torch.float32, moe_gate_fp32=own_unit)
         model.to_empty(device=device)
         init_sharded(model, seed=0)
         seen = _gate_probe(model)

@@ -185,7 +185,7 @@ def test_the_bias_reaches_the_rollout_engine_in_fp32():
     from mtrain.models.router_stats import RouterStats
     from mtrain.rl.engines import FastEngine
 
-    policy = PrecisionPolicy(gate_fp32=True, rope_fp32=True)
+    policy = PrecisionPolicy(moe_gate_fp32=True, rope_fp32=True)
     trainer = build_model(Glm4MoeConfig(), dtype="bfloat16", policy=policy, seed=0)
     engine = FastEngine(copy_of=trainer, policy=policy, dtype="bfloat16")
     stats = RouterStats(BalanceSettings(bias_update=True)).attach(trainer)

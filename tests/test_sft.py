@@ -170,9 +170,9 @@ def test_fp32_gate_on_cuda_turns_tf32_off():
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        PrecisionPolicy(gate_fp32=False).apply_backends(cuda=True)
+        PrecisionPolicy(moe_gate_fp32=False).apply_backends(cuda=True)
         assert torch.backends.cuda.matmul.allow_tf32
-        PrecisionPolicy(gate_fp32=True).apply_backends(cuda=True)
+        PrecisionPolicy(moe_gate_fp32=True).apply_backends(cuda=True)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.get_float32_matmul_precision() == "highest"
     finally:

@@ -180,7 +180,7 @@ class ToyMoeForCausalLM(MoECausalLM):
         c = self.config
         if not c.is_moe_layer(layer_idx):
             return SwiGLU(c.hidden_size, c.intermediate_size)
-        gate = SoftmaxTopKRouter(c.hidden_size, c.num_experts, c.num_experts_per_tok, self.policy.gate_fp32,
+        gate = SoftmaxTopKRouter(c.hidden_size, c.num_experts, c.num_experts_per_tok, self.policy.moe_gate_fp32,
                                  norm_topk_prob=c.norm_topk_prob)
         return MoE(gate, Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size))
 
@@ -195,7 +195,7 @@ defaults:
 name: toy_moe
 checkpoint: null
 dtype: ${mtrain.dtype:${trainer.precision}}
-moe_gate_fp32: ${mtrain.gate_fp32:${rl.mode}}
+moe_gate_fp32: ${mtrain.moe_gate_fp32:${rl.mode}}
 rope_fp32: ${mtrain.rope_fp32:${rl.mode}}
 arch:
   num_hidden_layers: 3
@@ -232,7 +232,7 @@ def test_a_third_family_is_one_module_one_yaml(tmp_path, monkeypatch):
         cfg, plan = prepare_run(cfg)
         model = model_from_config(cfg.model, plan.policy, vocab_size=64)
         assert type(model).__name__ == "ToyMoeForCausalLM" and model.moe_layers == [1]
-        assert model.gate_dtype() == torch.float32 and plan.policy.gate_fp32
+        assert model.gate_dtype() == torch.float32 and plan.policy.moe_gate_fp32
         ids = torch.randint(0, 64, (2, 8))
         opt = torch.optim.AdamW(param_groups(model, 0.1))
         model.loss(ids, ids).backward()

@@ -92,7 +92,7 @@ def from_pretrained(
     """Load an HF checkpoint folder of a registered family. ``dtype=None`` keeps the checkpoint's dtype.
 
     ``gate_mismatch``: what to do when the stored gate dtype or the recorded export policy differs from
-    ``policy.gate_fp32`` -- ``"warn"`` (default) or ``"error"``.
+    ``policy.moe_gate_fp32`` -- ``"warn"`` (default) or ``"error"``.
     """
     folder = Path(path)
     cfg = read_config(folder, expected_model_type)
@@ -119,7 +119,7 @@ def from_pretrained(
         except SafetensorError as e:
             raise CheckpointError(f"{file} is corrupt or truncated ({e}); re-download or re-export it") from None
     check_complete(model, filled, folder)
-    check_gate(folder, gate_dtypes, policy.gate_fp32, gate_mismatch)
+    check_gate(folder, gate_dtypes, policy.moe_gate_fp32, gate_mismatch)
     return model
 
 

@@ -33,14 +33,14 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """NeoX-style RoPE on the first ``rotary_dim`` dims of each head (all of them unless partial).
 
-    ``cos``/``sin`` are always computed in fp32. With ``fp32=True`` the rotation itself runs in fp32 and the result is
-    cast to the activation dtype (the rollout engines' RL mode); otherwise cos/sin are cast to the activation dtype
+    ``cos``/``sin`` are always computed in fp32. With ``rope_fp32=True`` the rotation itself runs in fp32 and the result
+    is cast to the activation dtype (the rollout engines' RL mode); otherwise cos/sin are cast to the activation dtype
     first and the rotation runs there, as ``transformers`` does.
     """
 
-    def __init__(self, rotary_dim: int, theta: float, fp32: bool = False):
+    def __init__(self, rotary_dim: int, theta: float, rope_fp32: bool = False):
         super().__init__()
-        self.rotary_dim, self.theta, self.fp32 = rotary_dim, theta, fp32
+        self.rotary_dim, self.theta, self.rope_fp32 = rotary_dim, theta, rope_fp32
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # not a buffer: a module-wide .to(bf16) must not round it
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
@@ -59,7 +59,7 @@ class RotaryEmbedding(nn.Module):
         """x [B, S, H, D] -> x with its first rotary_dim dims rotated."""
         dtype = x.dtype
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-        if self.fp32:
+        if self.rope_fp32:
             x = x.float()
         else:
             cos, sin = cos.to(dtype), sin.to(dtype)

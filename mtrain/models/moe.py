@@ -3,12 +3,12 @@
 Routing can be recorded or replayed per layer through a :class:`~mtrain.models.routing.RoutingTrace`.
 The gate precision policy lives here, in :class:`Router`:
 
-* ``fp32=True`` (``moe_gate_fp32``): the gate weight is an fp32 parameter and stays fp32 through ``module.to(bf16)``
+* ``moe_gate_fp32=True``: the gate weight is an fp32 parameter and stays fp32 through ``module.to(bf16)``
   (and so through Lightning's precision plugins); logits, scores, bias add and top-k run in fp32 with autocast off.
   In the backward, the weight's gradient is an fp32 GEMM; the input's gradient, which leaves in the model dtype
   anyway, is a GEMM in the model dtype (:class:`_Fp32Gate`).
-* ``fp32=False``: the gate weight is in the model dtype and the logits come out of a model-dtype GEMM, as inference
-  engines run it by default; scores and top-k are then computed in fp32 from those logits.
+* ``moe_gate_fp32=False``: the gate weight is in the model dtype and the logits come out of a model-dtype GEMM, as
+  inference engines run it by default; scores and top-k are then computed in fp32 from those logits.
 
 GLM's ``e_score_correction_bias`` is always fp32. Experts always run in the model dtype.
 """
@@ -47,13 +47,13 @@ class _Fp32Gate(torch.autograd.Function):
 class Router(nn.Module):
     """Gate GEMM ``[T, hidden] -> [T, E]`` logits under the gate precision policy. Subclasses pick the experts."""
 
-    def __init__(self, hidden: int, num_experts: int, top_k: int, fp32: bool):
+    def __init__(self, hidden: int, num_experts: int, top_k: int, moe_gate_fp32: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
-        self.num_experts, self.top_k, self.fp32 = num_experts, top_k, fp32
+        self.num_experts, self.top_k, self.moe_gate_fp32 = num_experts, top_k, moe_gate_fp32
 
     def _fp32_tensors(self) -> list[torch.Tensor]:
-        return [self.weight] if self.fp32 else []
+        return [self.weight] if self.moe_gate_fp32 else []
 
     def _apply(self, fn, recurse=True):
         """Keep the policy's fp32 tensors fp32 through dtype casts (``.to(bf16)``, ``.half()``, precision plugins)."""
@@ -71,7 +71,7 @@ class Router(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> logits [T, E]: fp32 under the fp32 policy, else the model dtype."""
-        if self.fp32:
+        if self.moe_gate_fp32:
             with torch.autocast(x.device.type, enabled=False):
                 if ops.invariant_active():  # inference only: the batch-invariant fp32 product
                     return ops.linear(x.float(), self.weight.float())
@@ -114,8 +114,8 @@ class Router(nn.Module):
 class SoftmaxTopKRouter(Router):
     """Qwen3-MoE: softmax over all experts, top-k, optional renormalisation."""
 
-    def __init__(self, hidden, num_experts, top_k, fp32, norm_topk_prob: bool):
-        super().__init__(hidden, num_experts, top_k, fp32)
+    def __init__(self, hidden, num_experts, top_k, moe_gate_fp32, norm_topk_prob: bool):
+        super().__init__(hidden, num_experts, top_k, moe_gate_fp32)
         self.norm_topk_prob = norm_topk_prob
 
     def route(self, logits, idx=None):
@@ -137,8 +137,8 @@ class SigmoidGroupRouter(Router):
     best of ``n_group`` groups (group score = sum of its top-2); weights are the un-biased scores, renormalised if
     ``norm_topk_prob``, times ``routed_scaling_factor``."""
 
-    def __init__(self, hidden, num_experts, top_k, fp32, *, n_group, topk_group, norm_topk_prob, scaling):
-        super().__init__(hidden, num_experts, top_k, fp32)
+    def __init__(self, hidden, num_experts, top_k, moe_gate_fp32, *, n_group, topk_group, norm_topk_prob, scaling):
+        super().__init__(hidden, num_experts, top_k, moe_gate_fp32)
         self.n_group, self.topk_group = n_group, topk_group
         self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))

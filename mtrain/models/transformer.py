@@ -62,7 +62,7 @@ class MoECausalLM(nn.Module):
         cfg.validate()
         self.config = cfg
         self.policy = policy
-        self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, fp32=policy.rope_fp32)
+        self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, rope_fp32=policy.rope_fp32)
         layers = [
             DecoderLayer(cfg, i, self.rope, self.make_mlp(i), self.qk_norm()) for i in range(cfg.num_hidden_layers)
         ]
@@ -72,7 +72,7 @@ class MoECausalLM(nn.Module):
 
     @property
     def moe_gate_fp32(self) -> bool:
-        return self.policy.gate_fp32
+        return self.policy.moe_gate_fp32
 
     @property
     def rope_fp32(self) -> bool:
@@ -151,7 +151,7 @@ class MoECausalLM(nn.Module):
 
     def fp32_names(self) -> set[str]:
         """Names of the tensors the precision policy keeps in fp32 whatever the model dtype (each router says which
-        of its tensors: the gate weight under ``gate_fp32``, GLM's score-correction bias always)."""
+        of its tensors: the gate weight under ``moe_gate_fp32``, GLM's score-correction bias always)."""
         out = set()
         for prefix, router in self.routers():
             own = {id(t): n for n, t in list(router.named_parameters()) + list(router.named_buffers())}

@@ -80,19 +80,19 @@ def apply_fsdp(
     *,
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
-    gate_fp32: bool | None = None,
+    moe_gate_fp32: bool | None = None,
     reshard_after_forward: bool = True,
 ) -> MoECausalLM:
     """Shard ``model`` in place with FSDP2 over ``mesh`` (1-D data-parallel mesh; None = the default group).
 
     ``param_dtype``/``reduce_dtype``: the ``MixedPrecisionPolicy`` of the decoder layers and the root (None = keep
-    the stored dtype). ``gate_fp32`` (default: the model's precision policy): each MoE router gate becomes its own unit
-    that gathers and computes in fp32. Works on a meta-device model (then ``to_empty`` + load/init, see
+    the stored dtype). ``moe_gate_fp32`` (default: the model's precision policy): each MoE router gate becomes its own
+    unit that gathers and computes in fp32. Works on a meta-device model (then ``to_empty`` + load/init, see
     :func:`mtrain.parallel.build_sharded`) or on a materialised one. Returns ``model``.
     """
     if isinstance(model, FSDPModule):
         raise ValueError("apply_fsdp: the model is already sharded")
-    gate_fp32 = model.policy.gate_fp32 if gate_fp32 is None else gate_fp32
+    moe_gate_fp32 = model.policy.moe_gate_fp32 if moe_gate_fp32 is None else moe_gate_fp32
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     gate_mp = MixedPrecisionPolicy(
         param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False
@@ -101,7 +101,7 @@ def apply_fsdp(
     for i, layer in enumerate(layers):
         # the last layer's parameters are needed again right away by backward: keep them gathered
         reshard = reshard_after_forward and i < len(layers) - 1
-        if gate_fp32 and layer.is_moe:
+        if moe_gate_fp32 and layer.is_moe:
             fully_shard(layer.mlp.gate, mesh=mesh, mp_policy=gate_mp, reshard_after_forward=reshard)
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)

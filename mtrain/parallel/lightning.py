@@ -48,7 +48,7 @@ class FSDPPlan:
             return None
         apply_fsdp(
             model, mesh, param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype,
-            gate_fp32=model.policy.gate_fp32, reshard_after_forward=self.reshard_after_forward,
+            moe_gate_fp32=model.policy.moe_gate_fp32, reshard_after_forward=self.reshard_after_forward,
         )
         model.to_empty(device=device)
         if self.checkpoint:

@@ -135,7 +135,7 @@ def load_sharded(
         except SafetensorError as e:
             raise CheckpointError(f"{file} is corrupt or truncated ({e}); re-download or re-export it") from None
     check_complete(model, filled, folder)
-    check_gate(folder, gate_dtypes, model.policy.gate_fp32, gate_mismatch)
+    check_gate(folder, gate_dtypes, model.policy.moe_gate_fp32, gate_mismatch)
     return stats
 
 

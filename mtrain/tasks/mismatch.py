@@ -65,12 +65,12 @@ def run(job: Job) -> dict:
     cfg, plan = job.cfg, job.plan
     task = cfg.task
     try:
-        name, exact = choose_engine(task.engine, task.exact, plan.rl, False)
+        name, exact = choose_engine(task.engine, plan.exact_rollout, False, task.exact is not None)
     except ValueError as e:
         raise ConfigError(f"task.engine / task.exact: {e}") from None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if task.device == "auto" else str(task.device)
     trainer_rope = cfg.model.rope_fp32 if task.trainer_rope_fp32 is None else task.trainer_rope_fp32
-    trainer_policy = PrecisionPolicy(gate_fp32=task.trainer_gate_fp32, rope_fp32=bool(trainer_rope))
+    trainer_policy = PrecisionPolicy(moe_gate_fp32=task.trainer_gate_fp32, rope_fp32=bool(trainer_rope))
     for policy in (plan.policy, trainer_policy):
         policy.apply_backends(device == "cuda")
     torch.manual_seed(cfg.seed)

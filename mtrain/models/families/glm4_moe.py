@@ -85,7 +85,7 @@ class Glm4MoeForCausalLM(MoECausalLM):
             c.hidden_size,
             c.n_routed_experts,
             c.num_experts_per_tok,
-            self.policy.gate_fp32,
+            self.policy.moe_gate_fp32,
             n_group=c.n_group,
             topk_group=c.topk_group,
             norm_topk_prob=c.norm_topk_prob,

@@ -62,7 +62,8 @@ class Qwen3MoeForCausalLM(MoECausalLM):
         if not c.is_moe_layer(layer_idx):
             return SwiGLU(c.hidden_size, c.intermediate_size)
         gate = SoftmaxTopKRouter(
-            c.hidden_size, c.num_experts, c.num_experts_per_tok, self.policy.gate_fp32, norm_topk_prob=c.norm_topk_prob
+            c.hidden_size, c.num_experts, c.num_experts_per_tok, self.policy.moe_gate_fp32,
+            norm_topk_prob=c.norm_topk_prob
         )
         return MoE(gate, Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size))
 

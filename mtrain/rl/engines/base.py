@@ -93,10 +93,11 @@ def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
     return ENGINES.get(name)(**kwargs)
 
 
-def choose_engine(engine: str, exact: Optional[bool], rl: bool, from_file: bool) -> tuple[str, bool]:
+def choose_engine(engine: str, exact: bool, from_file: bool, exact_explicit: bool = False) -> tuple[str, bool]:
     """The engine a job runs and whether it is exact: ``auto`` is ``file`` with a rollout file, else ``fast``;
-    ``exact`` (null) follows the RL decision: under ``rl=on`` the fast engine runs exact. ValueError names a choice
-    that cannot work; an engine registered by another module runs with ``exact`` as given."""
+    ``exact`` is the precision plan's decision (``exact_rollout``: the RL decision, or ``task.exact`` when
+    ``exact_explicit``). ValueError names a choice that cannot work; an engine registered by another module runs
+    with ``exact`` as given."""
     if engine != "auto" and engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not one of auto, {', '.join(ENGINES.names())}")
     if from_file:
@@ -106,10 +107,8 @@ def choose_engine(engine: str, exact: Optional[bool], rl: bool, from_file: bool)
     if engine == "file":
         raise ValueError("engine=file needs task.rollouts_path (an external engine's rollouts)")
     if engine == "recompute":
-        if exact is False:
+        if exact_explicit and not exact:
             raise ValueError("the recompute engine is exact by construction (the trainer's own forward); use "
                              "engine=fast exact=false for an engine that is not")
         return "recompute", True
-    if engine not in ("auto", "fast"):
-        return engine, bool(exact)
-    return "fast", rl if exact is None else bool(exact)
+    return ("fast" if engine == "auto" else engine), exact

@@ -78,7 +78,7 @@ def engine_choice(job: Job) -> tuple[str, bool]:
     """(engine name, exact) from ``task.engine``, ``task.exact``, ``task.rollouts_path`` and the RL decision."""
     t = job.cfg.task
     try:
-        return choose_engine(t.engine, t.exact, job.plan.rl, bool(t.rollouts_path))
+        return choose_engine(t.engine, job.plan.exact_rollout, bool(t.rollouts_path), t.exact is not None)
     except ValueError as e:
         raise ConfigError(f"task.engine / task.exact: {e}") from None
 
