@@ -3,8 +3,7 @@ background thread. A write that runs out of disk space stops the job with one li
 
 Lightning's own save (``_atomic_save``) first serializes the whole checkpoint into an in-memory buffer and then
 copies the buffer to disk: for a 3.1B-parameter model with its AdamW moments that is a 19 GB buffer, twice the host
-memory and half the disk's pace (438 MB/s measured against 844–947 MB/s for ``torch.save`` on the same disk,
-``benchmarks/RESULTS.md``). Writing straight to ``.<name>.<pid>.partial`` and renaming keeps the save atomic: a killed
+memory and about half the disk's pace of a streaming ``torch.save`` (``benchmarks/RESULTS.md``, ``disk_write``). Writing straight to ``.<name>.<pid>.partial`` and renaming keeps the save atomic: a killed
 write leaves the previous file, never a partial one under the checkpoint's name.
 
 :class:`BackgroundCheckpointIO` takes the training loop off the disk's clock: a save snapshots every tensor of the

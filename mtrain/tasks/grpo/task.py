@@ -1,7 +1,7 @@
 """``task=grpo``'s run: data/prompts -> model (checkpoint or random init) -> [SFT warm start] -> rollout engine in
 the profile the RL decision gives -> Lightning fit of :class:`mtrain.lit.grpo.GRPOModule` (``trainer.max_steps`` RL
 steps) -> HF export -> ``metrics.json``, ``reward_curve.png``, ``mismatch_curve.png``, ``rollouts.jsonl``, CSV
-(+TensorBoard) logs.
+(and the other configured loggers') logs.
 """
 
 from __future__ import annotations
