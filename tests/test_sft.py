@@ -433,7 +433,7 @@ def test_training_logs_no_python_numbers(tmp_path, monkeypatch):
 def test_the_progress_bar_reads_the_metrics_only_every_logging_interval(tmp_path, monkeypatch):
     """The bar (on by default) shows the loss: reading a GPU loss is a device sync, so it reads the metrics on the
     steps of the logging interval (where the loop syncs anyway), not every step; the step count moves every step."""
-    from mtrain.lit.callbacks import StepProgressBar
+    from mtrain.lit.progress import StepProgressBar
     from mtrain.tasks import sft
 
     reads, shown = [], []

@@ -1,12 +1,12 @@
-"""Lightning pieces only: the LightningModule around an mtrain model, callbacks/loggers, the trainer factory.
+"""Lightning pieces only: the LightningModule around an mtrain model, callbacks (curves, checkpointing, signals, guards, progress, routing), loggers, the trainer factory.
 """
 
 from mtrain._lazy import lazy_exports
 
 _EXPORTS = {
-    "LossCurve": "callbacks",
-    "make_checkpoint": "callbacks",
-    "plot_loss_curve": "callbacks",
+    "LossCurve": "curves",
+    "make_checkpoint": "checkpointing",
+    "plot_loss_curve": "curves",
     "close_loggers": "loggers",
     "csv_log": "loggers",
     "finish_loggers": "loggers",

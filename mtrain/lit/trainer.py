@@ -14,9 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtrain.data.sampler import ResumeData
 from mtrain.lit.checkpoint_io import BackgroundCheckpointIO
-from mtrain.lit.profilers import make_profiler
-from mtrain.lit.callbacks import FiniteGuard, StepProgressBar, StopOnSignal, make_checkpoint
+from mtrain.lit.checkpointing import make_checkpoint
+from mtrain.lit.guards import FiniteGuard
 from mtrain.lit.loggers import make_loggers
+from mtrain.lit.profilers import make_profiler
+from mtrain.lit.progress import StepProgressBar
+from mtrain.lit.signals import StopOnSignal
 from mtrain.parallel.lightning import trainer_kwargs
 
 log = logging.getLogger("mtrain")
