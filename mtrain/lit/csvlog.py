@@ -42,15 +42,19 @@ class _StepRowsWriter(ExperimentWriter):
             if rows and str(rows[-1].get("step")) == str(self._tail_step):  # the step's row: take it back
                 tail = {k: v for k, v in rows.pop().items() if k is not None and v not in ("", None)}
                 self.metrics[0] = tail | self.metrics[0]
-                tmp = f"{self.metrics_file_path}.{os.getpid()}.tmp"
-                with self._fs.open(tmp, "w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
-                    writer.writeheader()
-                    writer.writerows(rows)
-                self._fs.mv(tmp, self.metrics_file_path)
+                self._rewrite(rows)
         if self.metrics:
             self._tail_step = self.metrics[-1].get("step")
         super().save()
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        """Replace the file with ``rows`` under the current header, atomically (a temporary file renamed over it)."""
+        tmp = f"{self.metrics_file_path}.{os.getpid()}.tmp"
+        with self._fs.open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self._fs.mv(tmp, self.metrics_file_path)
 
 
 class _KeepingWriter(_StepRowsWriter):
@@ -73,12 +77,7 @@ class _KeepingWriter(_StepRowsWriter):
                 self._fs.rm_file(self.metrics_file_path)
                 return super().save()
             self.metrics_keys = sorted(set(self.metrics_keys).union(*(r.keys() for r in kept)))
-            tmp = f"{self.metrics_file_path}.{os.getpid()}.tmp"
-            with self._fs.open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
-                writer.writeheader()
-                writer.writerows(kept)
-            self._fs.mv(tmp, self.metrics_file_path)
+            self._rewrite(kept)
         super().save()
 
 
