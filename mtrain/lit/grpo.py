@@ -109,7 +109,6 @@ class GRPOModule(L.LightningModule):
         self.history: list[dict] = []  # one dict of metrics per RL step (this run's steps)
         self.evals: list[tuple[int, float]] = []  # (RL step, held-out accuracy)
         self.seconds = {"rollout": 0.0, "old_logprobs": 0.0, "update": 0.0, "eval": 0.0}
-        self.decode_steps = 0
         self.eval_seconds: list[float] = []
         if ref_model is not None:
             for p in ref_model.parameters():
@@ -160,7 +159,6 @@ class GRPOModule(L.LightningModule):
         prompts = [self.prompts[i] for i in rows for _ in range(G)]
         examples = [self.examples[i] for i in rows for _ in range(G)]
         out = self.engine.generate(RolloutRequest(prompts, s.sampling, seed=s.seed * 1_000_003 + step, step=step))
-        self.decode_steps += out.decode_steps
         return out.gen, out.examples or examples, out.rewards, out.seconds
 
     def _hand_over(self) -> None:

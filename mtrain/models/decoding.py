@@ -56,8 +56,6 @@ class Decoder:
         self.cap = self.width = self.cols = 0
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
-        self.steps_run = 0  # decode steps (graph replays or eager steps) of the last generate
-        self.prefill_tokens = 0
 
     # -- buffers ------------------------------------------------------------------------------------------------------
     def _ensure(self, rows: int, width: int, cols: int) -> None:
@@ -192,13 +190,14 @@ class Decoder:
             self.ngen[slots] = 1
             self.done[slots] = torch.isin(first, self.eos_buf) | (max_new_tokens <= 1)
             active = [b for b, d in enumerate(self.done[:B].tolist()) if not d]
-            self.steps_run = 0
-            while active:
+            left = max_new_tokens - 1  # decode steps a row can still take
+            while active and left > 0:
                 n = self._bucket(len(active))
                 self.slot_buf[:n] = torch.tensor(active + [self.cap] * (n - len(active)), device=dev)
-                for _ in range(self.sync_every):
+                steps = min(self.sync_every, left)  # no step past the last token a row may take
+                for _ in range(steps):
                     self._run(n, temperature, top_p)
-                    self.steps_run += 1
+                left -= steps
                 flags = self.done[torch.tensor(active, device=dev)].tolist()
                 active = [a for a, d in zip(active, flags) if not d]
             return self._collect(prompts, lens, longest, max_new_tokens, pad_id, prompt_route)
@@ -210,7 +209,6 @@ class Decoder:
         ids = torch.tensor([t for p in prompts for t in p], device=dev)
         rows = torch.repeat_interleave(torch.arange(len(prompts), device=dev), torch.tensor(lens, device=dev))
         pos = torch.cat([torch.arange(n, device=dev) for n in lens])
-        self.prefill_tokens = ids.numel()
         pad = self.exact and self.device.type != "cuda"
         hs, routes = [], []
         for a in range(0, ids.numel(), PREFILL_TOKENS):

@@ -47,7 +47,6 @@ class Rollout:
     seconds: float  # wall time of the generation (synchronised on a GPU)
     examples: Optional[list[dict]] = None  # what the engine brought along (a file's text fields), else None
     rewards: Optional[list[float]] = None  # rewards the engine brought (a file's), else None: the task scores
-    decode_steps: int = 0  # decode steps run (graph replays or eager steps), for the speed report
 
 
 class RolloutEngine:

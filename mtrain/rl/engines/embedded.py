@@ -123,10 +123,10 @@ class ModelEngine(RolloutEngine):
         t0 = time.perf_counter()
         if self.inject is not None:
             self._noise = torch.Generator(device=device).manual_seed(self.inject.seed * 1_000_033 + request.seed)
-        gen, steps = self._generate(request)
+        gen = self._generate(request)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return Rollout(gen, time.perf_counter() - t0, decode_steps=steps)
+        return Rollout(gen, time.perf_counter() - t0)
 
     def _generate(self, request: RolloutRequest):
         raise NotImplementedError
@@ -149,7 +149,7 @@ class RecomputeEngine(ModelEngine):
         gen = generate(self.model, request.prompts, max_new_tokens=s.max_new_tokens, eos_ids=self.eos_ids,
                        pad_id=self.pad_id, temperature=s.temperature, top_p=s.top_p, seed=request.seed,
                        logits_hook=self.logits_hook)
-        return gen, gen.tokens.shape[1]
+        return gen
 
 
 @register_engine("fast")
@@ -168,7 +168,7 @@ class FastEngine(ModelEngine):
         s = request.sampling
         gen = self.decoder.generate(request.prompts, max_new_tokens=s.max_new_tokens, eos_ids=self.eos_ids,
                                     pad_id=self.pad_id, temperature=s.temperature, top_p=s.top_p, seed=request.seed)
-        return gen, self.decoder.steps_run
+        return gen
 
     def warmup(self) -> None:
         self.decoder.warmup()
