@@ -1,4 +1,5 @@
-"""Lightning pieces only: the LightningModule around an mtrain model, callbacks (curves, checkpointing, signals, guards, progress, routing), loggers, the trainer factory.
+"""Lightning pieces only: the LightningModule around an mtrain model, callbacks (curves, checkpointing, signals,
+guards, progress, routing), loggers, the trainer factory.
 """
 
 from mtrain._lazy import lazy_exports

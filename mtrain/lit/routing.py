@@ -47,8 +47,8 @@ def real_tokens(batch: Any) -> Optional[torch.Tensor]:
 
 class RoutingHealth(L.Callback):
     """``mode="train"`` (``task=sft``/``grpo``): counts the training forwards, logs every ``every`` optimizer steps
-    at ``step_of(trainer, module)`` (default: the step's 0-based index, Lightning's ``step`` of ``train/loss``), updates the bias before each optimizer step
-    (``settings.bias_update``) and freezes the routers at setup (``settings.freeze_router``). ``mode="eval"``
+    at ``step_of(trainer, module)`` (default: the step's 0-based index, Lightning's ``step`` of ``train/loss``),
+    updates the bias before each optimizer step (``settings.bias_update``) and freezes the routers at setup (``settings.freeze_router``). ``mode="eval"``
     (``task=validate``): counts every validation forward, logs every ``every`` batches."""
 
     def __init__(self, stats: RouterStats, run_dir: Optional[Path] = None, *, every: int = 10, mode: str = "train",

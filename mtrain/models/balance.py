@@ -8,8 +8,8 @@ load metrics. Pure torch; the routing these read comes from the forward itself (
   ``seq_aux``: per sequence, then the mean over sequences (DeepSeek-V3's sequence-wise loss, in this scale);
   ``global_aux``: ``f`` from the token counts summed over the data-parallel group (``reduce``), each rank's ``P``
   weighted by its share of the group's tokens, so the ranks' mean is the loss of the global batch (N processes take
-  the step one process takes on the whole batch, as with the language-model loss). The routing probability is the router's own
-  (:meth:`mtrain.models.moe.Router.probs`): the softmax for Qwen3-MoE, the sigmoid scores normalised over the experts
+  the step one process takes on the whole batch, as with the language-model loss). The routing probability is the
+  router's own (:meth:`mtrain.models.moe.Router.probs`): the softmax for Qwen3-MoE, the sigmoid scores normalised over the experts
   for GLM4-MoE.
 * **Router z-loss** (ST-MoE): the mean over layers and real tokens of ``logsumexp(router logits)**2``.
 * **Aux-loss-free balancing** (DeepSeek-V3, GLM-4.5): after each optimizer step, for each MoE layer,

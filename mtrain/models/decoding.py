@@ -41,8 +41,9 @@ def _grow(need: int, have: int, step: int) -> int:
 class Decoder:
     """``Decoder(model).generate(prompts, max_new_tokens=..., temperature=..., top_p=..., seed=...)``.
 
-    ``graphs``: capture decode steps in CUDA graphs (default: on CUDA in bf16/fp16, without a ``logits_hook``). ``logits_hook``: applied to each step's fp32 logits [B, V] before sampling and the reported
-    logprob (an engine stand-in's noise; eager only)."""
+    ``graphs``: capture decode steps in CUDA graphs (default: on CUDA in bf16/fp16, without a ``logits_hook``).
+    ``logits_hook``: applied to each step's fp32 logits [B, V] before sampling and the reported logprob (an engine
+    stand-in's noise; eager only)."""
 
     def __init__(self, model: MoECausalLM, *, exact: bool = False, graphs: bool | None = None, sync_every: int = 8,
                  logits_hook: Callable[[torch.Tensor], torch.Tensor] | None = None):
@@ -260,7 +261,8 @@ def forward_tokens(model: MoECausalLM, cache: StaticCache, ids, rows, pos, trace
         rows = torch.cat([rows, rows.new_full((extra,), pad_row)])
         pos = torch.cat([pos, pos.new_zeros(extra)])
         if trace is not None and trace.mode == "replay":
-            trace.ids = {i: torch.cat([v, v.new_full((1, extra, v.shape[-1]), -1)], dim=1) for i, v in trace.ids.items()}
+            trace.ids = {i: torch.cat([v, v.new_full((1, extra, v.shape[-1]), -1)], dim=1)
+                         for i, v in trace.ids.items()}
     cache.bind(rows, pos)
     h = model.hidden_states(ids[None], position_ids=pos[None], cache=cache, trace=trace)[0]
     if extra and trace is not None:
