@@ -4,7 +4,8 @@ background thread. A write that runs out of disk space stops the job with one li
 Lightning's own save (``_atomic_save``) first serializes the whole checkpoint into an in-memory buffer and then
 copies the buffer to disk: for a 3.1B-parameter model with its AdamW moments that is a 19 GB buffer, twice the host
 memory and about half the disk's pace of a streaming ``torch.save`` (``benchmarks/RESULTS.md``, ``disk_write``).
-Writing straight to ``.<name>.<pid>.partial`` and renaming keeps the save atomic: a killed write leaves the previous file, never a partial one under the checkpoint's name.
+Writing straight to ``.<name>.<pid>.partial`` and renaming keeps the save atomic: a killed write leaves the
+previous file, never a partial one under the checkpoint's name.
 
 :class:`BackgroundCheckpointIO` takes the training loop off the disk's clock: a save snapshots every tensor of the
 checkpoint (the loop waits for that copy only: the optimizer goes on changing the tensors in place) and a thread
