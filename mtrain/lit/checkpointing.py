@@ -36,9 +36,11 @@ class LastCheckpoint(Callback):
     preemption). Each write is atomic (a temporary file renamed over the old one: a killed write never leaves a
     partial ``last.ckpt``), and refused if the weights are not finite (:class:`TrainingDiverged`).
 
-    On SIGTERM Lightning stops the fit by raising ``SIGTERMException`` (a ``SystemExit``); after the checkpoint is
-    written the exception carries ``mtrain_step`` and ``mtrain_checkpoint`` so the CLI can record the interruption
-    and exit 143."""
+    On SIGTERM (and SIGUSR1, Ctrl-C: :class:`~mtrain.lit.signals.StopOnSignal`) Lightning stops the fit at the end
+    of a step by raising ``SIGTERMException`` (a ``SystemExit``); after the checkpoint is written the exception
+    carries ``mtrain_step`` and ``mtrain_checkpoint`` so the CLI can record the interruption and exit 128 + the
+    signal. A ``KeyboardInterrupt`` (a second Ctrl-C) lands mid-step: nothing is written, the last checkpoint is the
+    one recorded."""
 
     NAME = "last.ckpt"
 
@@ -88,12 +90,17 @@ class LastCheckpoint(Callback):
         self.save(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):  # SIGTERM/SIGUSR1, SIGINT (Ctrl-C)
+        if isinstance(exception, SIGTERMException):  # SIGTERM, SIGUSR1, a first Ctrl-C: at a step boundary
             exception.mtrain_checkpoint = str(self.save(trainer, pl_module))
             exception.mtrain_step = trainer.global_step
-            writer = _background_writer(trainer)
-            if writer is not None:
-                writer.wait()  # on disk before the CLI's status.json names it or SLURM requeues the job
+        elif isinstance(exception, KeyboardInterrupt):  # a second Ctrl-C, mid-step: no checkpoint of a half step
+            exception.mtrain_step = trainer.global_step
+            exception.mtrain_checkpoint = str(self.path) if self.path.exists() else None
+        else:
+            return
+        writer = _background_writer(trainer)
+        if writer is not None:
+            writer.wait()  # on disk before the CLI's status.json names it or SLURM requeues the job
 
 class BestCheckpoint(ModelCheckpoint):
     """Lightning's best-by-``val/loss`` checkpoints; a distributed checkpoint folder gets mtrain's signed manifest

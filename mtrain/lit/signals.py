@@ -1,4 +1,4 @@
-"""Stop signals (SIGTERM, SIGUSR1, SLURM's requeue signals): end the step, checkpoint, record, exit."""
+"""Stop signals (SIGTERM, SIGUSR1, SLURM's requeue signals, Ctrl-C): end the step, checkpoint, record, exit."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ class StopOnSignal(Callback):
     ``last.ckpt`` at that step, and the exception records which signal arrived (``mtrain_signal``) for the CLI's
     ``status.json``, the requeue and the exit code (128 + the signal's number).
 
+    Ctrl-C (SIGINT) stops the same way, at the end of the current step: a ``KeyboardInterrupt`` raised mid-step
+    could land between the optimizer step and the step counter, the log row or the data position, and the checkpoint
+    would not be a step boundary. A second Ctrl-C stops at once (``KeyboardInterrupt``; the last checkpoint written
+    stays the one to resume from). A SIGINT the job inherited as ignored (a shell's background job) stays ignored.
+
     The handlers are installed at setup, before Lightning registers its own: Lightning's SLURM auto-requeue handler
     and submitit's (each would requeue without a checkpoint at the current step or mtrain's status record) stand
     aside. The previous handlers are restored at teardown."""
@@ -32,14 +37,21 @@ class StopOnSignal(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.received = None
+        if stage != "fit":
+            return
         for name in requeue_signals():
             sig = getattr(signal, name, None)
-            if sig is not None and stage == "fit":
+            if sig is not None:
                 self._previous[sig] = signal.signal(sig, self._handler(trainer, name))
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handler(trainer, "SIGINT"))
 
     def _handler(self, trainer: L.Trainer, name: str):
         def handle(signum, frame) -> None:
-            log.info("received %s: stopping after the current step, checkpoint at that step", name)
+            if name == "SIGINT" and self.received == "SIGINT":
+                raise KeyboardInterrupt  # the second Ctrl-C: now
+            hint = " (Ctrl-C again to stop now)" if name == "SIGINT" else ""
+            log.warning("received %s: stopping after the current step, checkpoint at that step%s", name, hint)
             self.received = name
             trainer._signal_connector.received_sigterm = True  # Lightning's own stop path (SIGTERMException)
         return handle
