@@ -29,6 +29,8 @@ VARIANTS = {
     "aux_1e-2": ["model.routing.load_balancing=aux", "model.routing.aux_loss_coef=1e-2"],
     "seq_aux": ["model.routing.load_balancing=seq_aux"],
     "bias": ["model.routing.bias_update=true"],  # rate 1e-3 (DeepSeek-V3's)
+    "bias_1e-4": ["model.routing.bias_update=true", "model.routing.bias_update_rate=1e-4"],
+    "aux_1e-4": ["model.routing.load_balancing=aux", "model.routing.aux_loss_coef=1e-4"],
     "bias+seq_aux_1e-4": ["model.routing.bias_update=true", "model.routing.load_balancing=seq_aux",
                           "model.routing.aux_loss_coef=1e-4"],  # DeepSeek-V3 / GLM-4.5's recipe
 }

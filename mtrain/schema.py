@@ -233,6 +233,8 @@ class MismatchTaskConfig(TaskConfig):
     top_p: float = 1.0
     seed: int = 0
     engine: str = "auto"  # the rollout engine: auto (= fast) | fast | recompute (the reference: a full forward a token)
+    # | yours (package.module.Class)
+    engine_args: Dict[str, Any] = options()  # the engine's own options (fast: graphs)
     exact: Optional[bool] = None  # the fast engine on batch-invariant kernels (its logprobs and experts equal the
     # trainer's recompute bit for bit); null: on under rl=on
     trainer_gate_fp32: bool = True  # the trainer profile's gate (Megatron: fp32)
@@ -309,7 +311,8 @@ class GRPOTaskConfig(OptimTaskConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     engine: str = "auto"  # a registered rollout engine: auto (= fast; file with rollouts_path) | fast | recompute
-    # (the reference: the trainer's full forward per token, O(length^2)) | file
+    # (the reference: the trainer's full forward per token, O(length^2)) | file | yours (package.module.Class)
+    engine_args: Dict[str, Any] = options()  # the engine's own options (fast: graphs)
     exact: Optional[bool] = None  # the fast engine on batch-invariant kernels (its logprobs and experts equal the
     # trainer's recompute bit for bit); null: on under rl=on
     rollout_dtype: Optional[str] = None  # the engine's dtype; null = model.dtype

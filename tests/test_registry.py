@@ -89,7 +89,13 @@ def test_an_option_reaches_the_piece_and_changes_its_numbers(pieces):
         (["task.rollout_correction.mode=icepop"], "CorrectionConfig.mode: unknown mode 'icepop'; expected one of "
                                                   "off, token_tis"),
         (["task.rollout_correction.args.x=1"], "task.rollout_correction.args.x: correction mode 'off' takes no option"),
-        (["task.engine=vllm"], "engine='vllm' is not one of auto, recompute, fast, file"),
+        (["task.engine=vllm"], "engine='vllm' is not one of auto, recompute, fast, file, or a dotted path"),
+        (["task.engine=my_missing_pkg.Engine"], "rollout engine 'my_missing_pkg.Engine': no module named "
+                                                "'my_missing_pkg'"),
+        (["task.engine_args.graph=false"], "task.engine_args.graph: rollout engine 'fast' takes no option 'graph'; "
+                                           "its options: graphs"),
+        (["task.engine=recompute", "task.engine_args.exact=true"], "task.engine_args.exact: exact is set by the "
+                                                                    "framework"),
     ],
 )
 def test_a_bad_name_or_option_is_one_line_naming_the_registered_ones(pieces, overrides, message):
@@ -157,3 +163,47 @@ def test_the_config_check_runs_before_lightning_is_imported(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mtrain: error: task.advantage='ppo2': unknown advantage mode"), \
         r.stderr
+
+
+ENGINE_MODULE = """
+from mtrain.rl.engines import RecomputeEngine
+
+SEEN = []
+
+
+class Counting(RecomputeEngine):
+    \"\"\"An engine of one's own: the reference engine that counts its requests, with an option of its own.\"\"\"
+
+    def __init__(self, *, copy_of, eos_ids, pad_id, label: str = "none"):
+        super().__init__(copy_of=copy_of, eos_ids=eos_ids, pad_id=pad_id)
+        SEEN.append(("built", label, type(copy_of).__name__))
+
+    def _generate(self, request):
+        SEEN.append(("generate", len(request.prompts)))
+        return super()._generate(request)
+"""
+
+
+def test_an_engine_of_ones_own_by_dotted_path_runs_grpo_with_its_options(tmp_path, monkeypatch):
+    """``task.engine=package.module.Class`` (what an HTTP engine will be): built with the context keywords it names
+    and its own options from ``task.engine_args``; every RL step's rollouts come from it; a misspelt option is one
+    line naming its options."""
+    import importlib
+
+    (tmp_path / "my_engines.py").write_text(ENGINE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("my_engines")
+    m, _ = grpo(tmp_path, "trainer.max_steps=2", SIGNAL, "task.engine=my_engines.Counting",
+                "task.engine_args.label=hi")
+    assert mod.SEEN[0] == ("built", "hi", "Glm4MoeForCausalLM")  # the trainer to copy
+    assert mod.SEEN[1:] == [("generate", 16), ("generate", 16)]  # 4 prompts x 4 responses, each RL step
+    assert m["engine"] == "my_engines.Counting" and m["steps"] == 2
+    assert m["mismatch_k3_mean"] == 0.0 and m["engine_syncs"] > 1  # the trainer's own numbers; weights handed over
+
+    from mtrain.job.run import user_error
+    from mtrain.tasks.grpo import check_config
+
+    with pytest.raises(Exception) as e:
+        check_config(Job.prepare(compose_cfg([*TINY, "task.engine=my_engines.Counting", "task.engine_args.lable=x"])))
+    assert user_error(e.value) and "task.engine_args.lable: rollout engine 'my_engines.Counting' takes no option " \
+        "'lable'; its options: label" in str(e.value)

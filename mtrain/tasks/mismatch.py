@@ -65,7 +65,7 @@ def run(job: Job) -> dict:
     cfg, plan = job.cfg, job.plan
     task = cfg.task
     try:
-        name, exact = choose_engine(task.engine, plan.exact_rollout, False, task.exact is not None)
+        name, exact = choose_engine(task.engine, plan.exact_rollout, False, task.exact is not None, task.engine_args)
     except ValueError as e:
         raise ConfigError(f"task.engine / task.exact: {e}") from None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if task.device == "auto" else str(task.device)
@@ -85,8 +85,7 @@ def run(job: Job) -> dict:
     trainer = build_model(rollout.config, dtype=dtype, device=device, policy=trainer_policy, init=False).eval()
     trainer.load_state_dict(rollout.state_dict())  # same weights; a bf16 gate is upcast exactly
 
-    engine = build_engine(name, model=rollout, eos_ids=eos, pad_id=pad_id, **({"exact": exact} if name == "fast"
-                                                                              else {}))
+    engine = build_engine(name, task.engine_args, model=rollout, eos_ids=eos, pad_id=pad_id, exact=exact)
     sampling = settings_from(SamplingConfig, task)
     out_rollout = engine.generate(RolloutRequest(prompts, sampling, seed=task.seed))
     gen, rollout_s = out_rollout.gen, out_rollout.seconds

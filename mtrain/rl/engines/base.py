@@ -5,7 +5,8 @@ An engine turns a :class:`RolloutRequest` (token-id prompts, sampling settings, 
 ``(name, tensor)`` pairs (:meth:`RolloutEngine.update_weights`), and is closed when the job ends. Engines register by
 name (:func:`register_engine`) and are built by name (:func:`build_engine`): ``fast`` (static KV cache + CUDA graphs,
 optionally exact), ``recompute`` (the reference: the trainer's full forward per token), ``file`` (an external
-engine's rollouts). An HTTP engine is one more class here.
+engine's rollouts). An engine of one's own (an HTTP client of an inference server, say) is a class named by a dotted
+path (``task.engine=my_pkg.engines.HttpEngine``), with its options in ``task.engine_args``.
 
 ``scoring`` says how the trainer recomputes this engine's logprobs to compare like with like: ``standard`` (the
 trainer's forward, :func:`mtrain.models.generate.recompute`) or ``invariant`` (:func:`mtrain.models.decoding.score`
@@ -16,7 +17,7 @@ bit by construction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
 
 import torch
 
@@ -70,10 +71,15 @@ class RolloutEngine:
         """Free what the engine holds."""
 
     def describe(self) -> str:
-        return self.name
+        own = type(self).__dict__.get("name")  # registered under it; else (a subclass, a dotted path) its class path
+        return own or f"{type(self).__module__}.{type(self).__qualname__}"
 
 
-ENGINES: Registry = Registry("rollout engine", inputs=0)
+# what the framework hands an engine's constructor (a class takes those it names): the trainer to copy (``copy_of``,
+# GRPO) or the model to share (``model``, task=mismatch), the run's precision policy and engine dtype, eos/pad ids,
+# the mismatch stand-in (``inject``) and the exact-mode decision. Its own options come from ``task.engine_args``.
+CONTEXT = ("copy_of", "model", "policy", "dtype", "eos_ids", "pad_id", "inject", "exact")
+ENGINES: Registry = Registry("rollout engine", inputs=0, context=CONTEXT)
 
 
 def register_engine(name: str) -> Callable[[type], type]:
@@ -88,26 +94,39 @@ def register_engine(name: str) -> Callable[[type], type]:
     return register
 
 
-def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
-    return ENGINES.get(name)(**kwargs)
+def build_engine(name: str, args: Optional[Mapping[str, Any]] = None, **context: Any) -> RolloutEngine:
+    """The engine ``name`` (registered, or a dotted path ``package.module.Class``) built with the ``context`` keywords
+    it names and its own options ``args`` (``task.engine_args``)."""
+    return ENGINES.bind(name, context, args, where="task.engine_args")()
 
 
-def choose_engine(engine: str, exact: bool, from_file: bool, exact_explicit: bool = False) -> tuple[str, bool]:
+def choose_engine(engine: str, exact: bool, from_file: bool, exact_explicit: bool = False,
+                  args: Optional[Mapping[str, Any]] = None) -> tuple[str, bool]:
     """The engine a job runs and whether it is exact: ``auto`` is ``file`` with a rollout file, else ``fast``;
     ``exact`` is the precision plan's decision (``exact_rollout``: the RL decision, or ``task.exact`` when
-    ``exact_explicit``). ValueError names a choice that cannot work; an engine registered by another module runs
-    with ``exact`` as given."""
+    ``exact_explicit``); ``args``, the engine's own options, are checked against what its class takes. ValueError
+    names a choice that cannot work; an engine of one's own runs with ``exact`` as given (its ``scoring`` says how
+    the trainer recomputes its logprobs)."""
     if engine != "auto" and engine not in ENGINES:
-        raise ValueError(f"engine={engine!r} is not one of auto, {', '.join(ENGINES.names())}")
+        if "." not in engine:
+            raise ValueError(f"engine={engine!r} is not one of auto, {', '.join(ENGINES.names())}, or a dotted path "
+                             "package.module.Class to your own")
+        ENGINES.get(engine)  # imports it: one line on a missing module or class
     if from_file:
         if engine not in ("auto", "file"):
             raise ValueError(f"engine={engine} samples in-process, but task.rollouts_path gives the rollouts; drop one")
-        return "file", False
-    if engine == "file":
+        name, exact = "file", False
+    elif engine == "file":
         raise ValueError("engine=file needs task.rollouts_path (an external engine's rollouts)")
-    if engine == "recompute":
+    elif engine == "recompute":
         if exact_explicit and not exact:
             raise ValueError("the recompute engine is exact by construction (the trainer's own forward); use "
                              "engine=fast exact=false for an engine that is not")
-        return "recompute", True
-    return ("fast" if engine == "auto" else engine), exact
+        name, exact = "recompute", True
+    else:
+        name = "fast" if engine == "auto" else engine
+    if args and name == "file":
+        raise ValueError(f"task.engine_args ({', '.join(args)}): the file engine takes no options")
+    if args:
+        ENGINES.check(name, args, where="task.engine_args")
+    return name, exact

@@ -158,8 +158,11 @@ class FastEngine(ModelEngine):
     ``exact``: on the batch-invariant ops (the trainer's recompute through the same path gives its numbers bit for
     bit); ``graphs``: None = where the decoder can."""
 
-    def __init__(self, *, exact: bool = False, graphs: Optional[bool] = None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, *, copy_of: Optional[MoECausalLM] = None, model: Optional[MoECausalLM] = None,
+                 policy: Optional[PrecisionPolicy] = None, dtype=None, eos_ids: Sequence[int] = (), pad_id: int = 0,
+                 inject: Optional[MismatchInjection] = None, exact: bool = False, graphs: Optional[bool] = None):
+        super().__init__(copy_of=copy_of, model=model, policy=policy, dtype=dtype, eos_ids=eos_ids, pad_id=pad_id,
+                         inject=inject)
         self.exact = exact
         self.scoring = "invariant" if exact else "standard"
         self.decoder = Decoder(self.model, exact=exact, graphs=graphs, logits_hook=self.logits_hook)

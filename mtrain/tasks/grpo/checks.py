@@ -78,7 +78,8 @@ def engine_choice(job: Job) -> tuple[str, bool]:
     """(engine name, exact) from ``task.engine``, ``task.exact``, ``task.rollouts_path`` and the RL decision."""
     t = job.cfg.task
     try:
-        return choose_engine(t.engine, job.plan.exact_rollout, bool(t.rollouts_path), t.exact is not None)
+        return choose_engine(t.engine, job.plan.exact_rollout, bool(t.rollouts_path), t.exact is not None,
+                             t.engine_args)
     except ValueError as e:
         raise ConfigError(f"task.engine / task.exact: {e}") from None
 

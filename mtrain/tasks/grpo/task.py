@@ -93,9 +93,8 @@ def run(job: Job) -> dict[str, Any]:
             device=s.device, temperature=declared.temperature if declared else 1.0,
             scoring=declared.scoring if declared else "standard")
     else:
-        engine = build_engine(name, copy_of=model, policy=plan.policy, dtype=t.rollout_dtype, eos_ids=eos,
-                              pad_id=dm.pad_id, inject=injection(t, cfg.seed), **({"exact": exact} if name == "fast"
-                                                                                    else {}))
+        engine = build_engine(name, t.engine_args, copy_of=model, policy=plan.policy, dtype=t.rollout_dtype,
+                              eos_ids=eos, pad_id=dm.pad_id, inject=injection(t, cfg.seed), exact=exact)
     log.info("rollout engine: %s", engine.describe())
     # the held-out greedy eval decodes with the fast engine: the rollout engine when it is one (it holds the
     # weights of the last hand-over), else a fast engine over the policy itself
