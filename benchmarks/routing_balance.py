@@ -31,6 +31,9 @@ VARIANTS = {
     "bias": ["model.routing.bias_update=true"],  # rate 1e-3 (DeepSeek-V3's)
     "bias_1e-4": ["model.routing.bias_update=true", "model.routing.bias_update_rate=1e-4"],
     "aux_1e-4": ["model.routing.load_balancing=aux", "model.routing.aux_loss_coef=1e-4"],
+    # no balancing, the peak lr 1% off: how far accuracy moves when the trajectory changes for another reason
+    "none_lr-1%": ["task.lr=2.97e-3"],
+    "none_lr+1%": ["task.lr=3.03e-3"],
     "bias+seq_aux_1e-4": ["model.routing.bias_update=true", "model.routing.load_balancing=seq_aux",
                           "model.routing.aux_loss_coef=1e-4"],  # DeepSeek-V3 / GLM-4.5's recipe
 }
