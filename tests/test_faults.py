@@ -114,6 +114,35 @@ def test_killed_job_resumes_onto_the_uninterrupted_loss_curve(tmp_path, uninterr
     assert metrics["train_loss_first"] == pytest.approx(uninterrupted[min(uninterrupted)], rel=1e-6)  # history kept
 
 
+def test_a_second_ctrl_c_stops_at_once_without_checkpointing_a_half_step(tmp_path):
+    """The first Ctrl-C asks for a stop at the end of the step (Lightning's SIGTERM path); a second one raises
+    KeyboardInterrupt at once, and the checkpoint callback then writes nothing: a mid-step state is not a checkpoint.
+    The interruption names the last checkpoint on disk."""
+    from mtrain.lit.checkpointing import LastCheckpoint
+    from mtrain.lit.signals import StopOnSignal
+
+    trainer = SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False), global_step=9)
+    stop, before = StopOnSignal(), signal.getsignal(signal.SIGINT)
+    stop.setup(trainer, None, "fit")
+    try:
+        handler = signal.getsignal(signal.SIGINT)
+        handler(signal.SIGINT, None)
+        assert trainer._signal_connector.received_sigterm and stop.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+    finally:
+        stop.teardown(trainer, None, "fit")
+    assert signal.getsignal(signal.SIGINT) is before
+
+    last = LastCheckpoint(tmp_path)
+    last.save = lambda *a: pytest.fail("a checkpoint written mid-step")
+    (tmp_path / "last.ckpt").write_bytes(b"step 6")
+    e = KeyboardInterrupt()
+    trainer.strategy = SimpleNamespace(checkpoint_io=None)
+    last.on_exception(trainer, None, e)
+    assert (e.mtrain_step, e.mtrain_checkpoint) == (9, str(tmp_path / "last.ckpt"))
+
+
 def test_a_write_killed_half_way_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     """The second last.ckpt write of a run dies half-way (in the background writer): the job fails with that error,
     and last.ckpt is still the first write, whole; no partial file is left."""
