@@ -100,12 +100,10 @@ def build_engine(name: str, args: Optional[Mapping[str, Any]] = None, **context:
     return ENGINES.bind(name, context, args, where="task.engine_args")()
 
 
-def choose_engine(engine: str, exact: bool, from_file: bool, exact_explicit: bool = False,
-                  args: Optional[Mapping[str, Any]] = None) -> tuple[str, bool]:
+def choose_engine(engine: str, exact: bool, from_file: bool, exact_explicit: bool = False) -> tuple[str, bool]:
     """The engine a job runs and whether it is exact: ``auto`` is ``file`` with a rollout file, else ``fast``;
     ``exact`` is the precision plan's decision (``exact_rollout``: the RL decision, or ``task.exact`` when
-    ``exact_explicit``); ``args``, the engine's own options, are checked against what its class takes. ValueError
-    names a choice that cannot work; an engine of one's own runs with ``exact`` as given (its ``scoring`` says how
+    ``exact_explicit``). ValueError names a choice that cannot work; an engine of one's own runs with ``exact`` as given (its ``scoring`` says how
     the trainer recomputes its logprobs)."""
     if engine != "auto" and engine not in ENGINES:
         if "." not in engine:
@@ -125,8 +123,12 @@ def choose_engine(engine: str, exact: bool, from_file: bool, exact_explicit: boo
         name, exact = "recompute", True
     else:
         name = "fast" if engine == "auto" else engine
+    return name, exact
+
+
+def check_engine_args(name: str, args: Optional[Mapping[str, Any]]) -> None:
+    """ValueError in one line when ``args`` (``task.engine_args``) holds an option engine ``name`` does not take."""
     if args and name == "file":
         raise ValueError(f"task.engine_args ({', '.join(args)}): the file engine takes no options")
     if args:
         ENGINES.check(name, args, where="task.engine_args")
-    return name, exact
