@@ -140,6 +140,16 @@ def test_injected_mismatch_corrections_and_replay_in_the_task(tmp_path):
     assert math.isnan(bypass["mismatch_k3_mean"]) and bypass["correction_is_weight_mean_mean"] > 0
 
 
+def test_a_plain_rollout_file_trains_with_the_default_config(tmp_path):
+    """A file without routing or a header (no layout to declare) trains under the task's default settings."""
+    f = tmp_path / "plain.jsonl"
+    rows = [{"prompt_ids": [1, 5], "response_ids": [3], "logprobs": [-0.2], "reward": float(i)} for i in range(2)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m, _ = grpo(tmp_path, "trainer.max_steps=1", f"task.rollouts_path={f}", "task.group_size=2",
+                "task.prompts_per_step=1", "task.num_minibatches=1")
+    assert m["steps"] == 1 and m["engine"].startswith("file")
+
+
 def test_bad_rollout_file_in_the_task_one_line_nothing_trained(tmp_path):
     from mtrain.job.run import user_error
 
@@ -148,4 +158,5 @@ def test_bad_rollout_file_in_the_task_one_line_nothing_trained(tmp_path):
     with pytest.raises(DataError) as e:
         grpo(tmp_path, "trainer.max_steps=1", f"task.rollouts_path={f}", "task.group_size=2", name="run")
     assert user_error(e.value) and "bad.jsonl:1" in str(e.value) and "\n" not in str(e.value)
+    assert "logprob" in str(e.value) and "0.2" in str(e.value), str(e.value)  # the bad value, not another refusal
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.json").exists()

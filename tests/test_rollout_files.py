@@ -252,6 +252,23 @@ def test_routing_without_a_declared_layout_is_refused_and_file_and_config_must_a
         read_rollout_file(f, shape_of(model), FileSettings("sglang"))
 
 
+def test_a_header_layout_holds_under_the_tasks_unset_config_and_must_agree_with_a_set_one(tmp_path):
+    """The task hands the reader every ``task.rollout_layout`` field, null where unset: those must not overwrite the
+    header's layout; a field set on both sides must agree."""
+    from dataclasses import asdict
+
+    model = glm()
+    layout = asdict(FORMATS["sglang"])
+    f, _ = file_of(tmp_path, model, "sglang",
+                   header={"rollout_format": "custom", "logprob_temperature": 1.0, "layout": layout})
+    unset = FileSettings(layout=dict.fromkeys(layout))  # what task=grpo passes by default
+    rows, declared = read_rollout_file(f, shape_of(model), unset)
+    assert declared.layout == FORMATS["sglang"] and replayed(model, rows)[1].sum() == 0
+    with pytest.raises(DataError, match=r"declares layout\.order='positions_first', the config "
+                                        r"task\.rollout_layout\.order='layers_first'"):
+        read_rollout_file(f, shape_of(model), FileSettings(layout={**unset.layout, "order": "layers_first"}))
+
+
 def test_sglang_logprobs_need_a_declared_temperature(tmp_path):
     model = glm()
     f, _ = file_of(tmp_path, model, "sglang", header={"rollout_format": "sglang"})

@@ -68,6 +68,8 @@ class RoutingLayout:
                            ("rows", ROWS)):
             if getattr(self, f) not in allowed:
                 raise ValueError(f"routing layout {f}={getattr(self, f)!r} is not one of {', '.join(allowed)}")
+        if not isinstance(self.dense_zero, bool):
+            raise ValueError(f"routing layout dense_zero={self.dense_zero!r} is not true or false")
 
     def element(self, num_experts: int) -> str:
         """The element type of base64/npy bytes for a model with ``num_experts`` experts."""

@@ -106,8 +106,9 @@ def declare(header: Optional[tuple[str, dict]], settings: FileSettings, path: st
     fmt = _agree(where, "rollout_format", h.get(HEADER), "task.rollout_format", settings.format)
     temp = _agree(where, "logprob_temperature", h.get("logprob_temperature"), "task.rollout_logprob_temperature",
                   settings.temperature)
+    cfg_layout = {k: v for k, v in (settings.layout or {}).items() if v is not None}  # the schema's unset fields
     if fmt is None:
-        if h.get("layout") or settings.layout:
+        if h.get("layout") or cfg_layout:
             raise DataError(f"{where}: a routing layout is given without a rollout format. Fix: set "
                             "task.rollout_format (or \"rollout_format\" in the header line); custom takes the "
                             "layout alone.")
@@ -122,12 +123,14 @@ def declare(header: Optional[tuple[str, dict]], settings: FileSettings, path: st
     if not isinstance(layout, dict):
         raise DataError(f"{where}: \"layout\" must be an object of routing layout fields. Fix: e.g. "
                         '{"layers": "moe"}.')
+    layout = {k: _agree(where, f"layout.{k}", layout.get(k), f"task.rollout_layout.{k}", cfg_layout.get(k))
+              for k in {**layout, **cfg_layout}}
     scoring = h.get("scoring", "standard")
     if scoring not in ("standard", "invariant"):
         raise DataError(f"{where}: \"scoring\" = {scoring!r} is not standard or invariant. Fix: leave it out (mtrain "
                         "writes it).")
     try:
-        return DeclaredLayout(fmt, resolve_layout(fmt, {**layout, **(settings.layout or {})}),
+        return DeclaredLayout(fmt, resolve_layout(fmt, layout),
                               _temperature(where, temp), scoring)
     except ValueError as e:
         raise DataError(f"{where}: {e}. Fix: declare one of the engines' formats or a complete custom layout.") from None

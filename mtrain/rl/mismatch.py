@@ -45,7 +45,10 @@ def layers_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def routing_disagreement(a: torch.Tensor, b: torch.Tensor, lengths: torch.Tensor) -> float:
-    """The share of (generated token, MoE layer) pairs whose expert sets differ (0 without MoE layers)."""
+    """The share of (generated token, MoE layer) pairs whose expert sets differ (0 without MoE layers; NaN when
+    one side has no routing: an engine's file without ``routed_experts``)."""
+    if a.shape[-2] != b.shape[-2]:
+        return float("nan")
     if a.shape[-2] == 0:
         return 0.0
     valid = torch.arange(a.shape[1], device=lengths.device)[None, :] < lengths[:, None]
@@ -67,9 +70,12 @@ def mismatch_metrics(
     r, t = rollout_lp[valid].double(), trainer_lp[valid].double()
     p_r, p_t = r.exp(), t.exp()
     log_ratio = t - r  # log(trainer / rollout), tokens sampled from the rollout policy
-    differs = layers_differ(rollout_routing, trainer_routing)  # [B, N, L]
+    if rollout_routing.shape[-2] != trainer_routing.shape[-2]:  # the engine gave no routing: not known
+        differs = torch.full((B, N, trainer_routing.shape[-2]), float("nan"), dtype=torch.float64)
+    else:
+        differs = layers_differ(rollout_routing, trainer_routing).double()  # [B, N, L]
     layers = differs.shape[-1]
-    per_layer = differs[valid].double().mean(0) if layers else torch.zeros(0, dtype=torch.float64)
+    per_layer = differs[valid].mean(0) if layers else torch.zeros(0, dtype=torch.float64)
     n = int(valid.sum())
     metrics = {
         "tokens": n,
@@ -84,7 +90,7 @@ def mismatch_metrics(
         "prob_pearson": _pearson(p_r, p_t),
         "routing_disagreement": per_layer.mean().item() if layers else 0.0,
         "routing_disagreement_per_layer": [round(x, 6) for x in per_layer.tolist()],
-        "tokens_any_layer_differs": differs.any(-1)[valid].double().mean().item() if layers else 0.0,
+        "tokens_any_layer_differs": differs.amax(-1)[valid].mean().item() if layers else 0.0,
     }
     if not rows:
         return metrics, []
@@ -97,7 +103,7 @@ def mismatch_metrics(
                 "rollout_logprob": rollout_lp[b, i].item(),
                 "trainer_logprob": trainer_lp[b, i].item(),
                 "abs_diff": abs(rollout_lp[b, i].item() - trainer_lp[b, i].item()),
-                "layers_differ": int(differs[b, i].sum()) if layers else 0,
+                "layers_differ": (None if differs[b, i].isnan().any() else int(differs[b, i].sum())) if layers else 0,
             })
     return metrics, table
 
