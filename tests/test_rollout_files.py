@@ -214,6 +214,12 @@ def npy_of(arr: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def npz_of(arr: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.savez(buf, routed=arr)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 REFUSED = {
     "seq_len rows": ("vllm", lambda m, r: all_layers(m, torch.cat([r[:1], r])).tolist(), "one row per token"),
     "dtype": ("vllm_npy", lambda m, r: npy_of(all_layers(m, r).numpy()), "array of int32; the declared layout"),
@@ -223,6 +229,9 @@ REFUSED = {
                            "holds -1 at position"),
     "ids in fastdeploy padding": ("fastdeploy", lambda m, r: fastdeploy(m, torch.cat([r, r[:1]]), pad=0),
                                   "not -1 padding"),
+    "float ids": ("mtrain", lambda m, r: (r + 0.5).tolist(), "not nested lists of integers"),  # not truncated
+    "bool ids": ("mtrain", lambda m, r: (r > 0).tolist(), "not nested lists of integers"),
+    "npz": ("vllm_npy", lambda m, r: npz_of(all_layers(m, r).numpy().astype(np.uint8)), "not of a .npy file"),
 }
 
 

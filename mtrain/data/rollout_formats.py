@@ -200,10 +200,13 @@ def _from_list(value: Any, where: str, what: str) -> torch.Tensor:
         raise DataError(f"{where}: \"routed_experts\" is a {type(value).__name__}; {what} is nested lists of "
                         "integers. Fix: declare the layout the engine wrote (task.rollout_format).")
     try:
-        return torch.tensor(value, dtype=torch.int64)
+        t = torch.tensor(value)  # the dtype JSON gave: a float or bool id must not be truncated into another id
     except (TypeError, ValueError, RuntimeError, OverflowError):
+        t = None
+    if t is None or t.dtype != torch.int64:
         raise DataError(f"{where}: \"routed_experts\" is not nested lists of integers of one shape ({what}). Fix: "
                         "write the engine's routed experts as such.") from None
+    return t
 
 
 def _b64(value: Any, where: str, what: str) -> bytes:
@@ -245,6 +248,8 @@ def _from_npy(value, where, what, lay: RoutingLayout, num_experts: int) -> torch
     raw = _b64(value, where, what)
     try:
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
+        if not isinstance(arr, np.ndarray):  # an .npz archive
+            raise ValueError
     except (ValueError, OSError, EOFError):
         raise DataError(f"{where}: \"routed_experts\" is base64 but not of a .npy file ({what}). Fix: copy the "
                         "engine's string unchanged, or declare the layout it wrote (task.rollout_format).") from None
