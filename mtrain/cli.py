@@ -135,6 +135,11 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict]:
         if stop is None:
             raise
         sys.exit(interrupted(stop))  # 128 + the signal: what a scheduler expects of a job that was told to stop
+    except KeyboardInterrupt as e:  # Ctrl-C outside a fit's steps, or a second one while a stop was being written
+        last = job_dir() / "checkpoints" / "last.ckpt"
+        e.mtrain_signal = "SIGINT"
+        e.mtrain_checkpoint = getattr(e, "mtrain_checkpoint", str(last) if last.exists() else None)
+        sys.exit(interrupted(e))
     except Exception as e:
         if not user_error(e):
             raise
@@ -166,7 +171,7 @@ def interrupted(e: BaseException) -> int:
     name = getattr(e, "mtrain_signal", "SIGTERM")
     step, ckpt = getattr(e, "mtrain_step", None), getattr(e, "mtrain_checkpoint", None)
     status = {"status": "interrupted", "signal": name, "step": step, "checkpoint": ckpt,
-              "error": f"interrupted by {name} at step {step}"}
+              "error": f"interrupted by {name}" + (f" at step {step}" if step is not None else "")}
     past = interruptions(job_dir() / "status.json")
     if past:
         status["interruptions"] = past
@@ -180,7 +185,8 @@ def interrupted(e: BaseException) -> int:
         status["requeued"] = requeued
     write_json(job_dir() / "status.json", status)
     resume = f"; requeued SLURM job {requeued}" if requeued else f"; resume with task.ckpt_path={ckpt}" if ckpt else ""
-    _error(f"interrupted by {name} at step {step}" + (f", checkpoint {ckpt}" if ckpt else "") + resume)
+    _error(f"interrupted by {name}" + (f" at step {step}" if step is not None else "")
+           + (f", checkpoint {ckpt}" if ckpt else "") + resume)
     return 128 + int(getattr(signal, name, signal.SIGTERM))
 
 

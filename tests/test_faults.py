@@ -121,13 +121,19 @@ def test_a_second_ctrl_c_stops_at_once_without_checkpointing_a_half_step(tmp_pat
     from mtrain.lit.checkpointing import LastCheckpoint
     from mtrain.lit.signals import StopOnSignal
 
-    trainer = SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False), global_step=9)
+    connector = SimpleNamespace(received_sigterm=False, _original_handlers={})
+    trainer = SimpleNamespace(_signal_connector=connector, global_step=9)
     stop, before = StopOnSignal(), signal.getsignal(signal.SIGINT)
     stop.setup(trainer, None, "fit")
     try:
         handler = signal.getsignal(signal.SIGINT)
-        handler(signal.SIGINT, None)
-        assert trainer._signal_connector.received_sigterm and stop.received == "SIGINT"
+        handler(signal.SIGINT, None)  # while the model is set up, before Lightning registers its handlers ...
+        connector.received_sigterm = False  # ... which clears its stop flag
+        connector._original_handlers = {signal.SIGINT: handler}  # and snapshots what it finds: ours
+        stop.on_train_start(trainer, None)
+        assert connector.received_sigterm and stop.received == "SIGINT"  # the early Ctrl-C still stops the fit
+        # after any end of the fit Lightning restores its snapshot: the handler from before ours, not ours
+        assert connector._original_handlers[signal.SIGINT] is before
         with pytest.raises(KeyboardInterrupt):
             handler(signal.SIGINT, None)
     finally:
@@ -141,6 +147,30 @@ def test_a_second_ctrl_c_stops_at_once_without_checkpointing_a_half_step(tmp_pat
     trainer.strategy = SimpleNamespace(checkpoint_io=None)
     last.on_exception(trainer, None, e)
     assert (e.mtrain_step, e.mtrain_checkpoint) == (9, str(tmp_path / "last.ckpt"))
+
+
+_CTRL_C_IN_THE_JOB = """
+import sys
+import mtrain.cli as cli
+
+def task(job):  # a job Ctrl-C'd outside a fit's steps (or twice while its stop checkpoint was being written)
+    (job.dir / "checkpoints").mkdir()
+    (job.dir / "checkpoints" / "last.ckpt").write_bytes(b"an earlier checkpoint")
+    raise KeyboardInterrupt
+
+cli.get_task = lambda name: task
+sys.argv[0] = "mtrain"
+cli.main()
+"""
+
+
+def test_a_ctrl_c_outside_the_fit_steps_is_one_line_exit_130_and_a_status(tmp_path):
+    r = run_cli(["task=info", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, entry=("-c", _CTRL_C_IN_THE_JOB))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"mtrain: error: interrupted by SIGINT, checkpoint {last}; resume with task.ckpt_path={last}" in r.stderr
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert (status["status"], status["signal"], status["checkpoint"]) == ("interrupted", "SIGINT", str(last))
 
 
 def test_a_write_killed_half_way_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):

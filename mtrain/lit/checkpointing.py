@@ -90,17 +90,17 @@ class LastCheckpoint(Callback):
         self.save(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):  # SIGTERM, SIGUSR1, a first Ctrl-C: at a step boundary
-            exception.mtrain_checkpoint = str(self.save(trainer, pl_module))
-            exception.mtrain_step = trainer.global_step
-        elif isinstance(exception, KeyboardInterrupt):  # a second Ctrl-C, mid-step: no checkpoint of a half step
-            exception.mtrain_step = trainer.global_step
-            exception.mtrain_checkpoint = str(self.path) if self.path.exists() else None
-        else:
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return
+        stop = isinstance(exception, SIGTERMException)  # SIGTERM, SIGUSR1, a first Ctrl-C: at a step boundary
+        if stop:
+            self.save(trainer, pl_module)
+        # else a second Ctrl-C, mid-step: no checkpoint of a half step; the last one written is the one to resume
         writer = _background_writer(trainer)
         if writer is not None:
             writer.wait()  # on disk before the CLI's status.json names it or SLURM requeues the job
+        exception.mtrain_step = trainer.global_step
+        exception.mtrain_checkpoint = str(self.path) if stop or self.path.exists() else None
 
 class BestCheckpoint(ModelCheckpoint):
     """Lightning's best-by-``val/loss`` checkpoints; a distributed checkpoint folder gets mtrain's signed manifest

@@ -29,7 +29,10 @@ class StopOnSignal(Callback):
 
     The handlers are installed at setup, before Lightning registers its own: Lightning's SLURM auto-requeue handler
     and submitit's (each would requeue without a checkpoint at the current step or mtrain's status record) stand
-    aside. The previous handlers are restored at teardown."""
+    aside. Lightning snapshots the handlers it finds (ours) and puts that snapshot back when the fit ends, however it
+    ends; at the start of training the snapshot is told the handlers that were there before ours, so those come back
+    after a failed or stopped fit too (``teardown`` restores them after a fit that ends normally). A signal that
+    arrived while the model was set up (Lightning clears its stop flag when it registers) is re-applied then."""
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
@@ -48,13 +51,19 @@ class StopOnSignal(Callback):
 
     def _handler(self, trainer: L.Trainer, name: str):
         def handle(signum, frame) -> None:
-            if name == "SIGINT" and self.received == "SIGINT":
-                raise KeyboardInterrupt  # the second Ctrl-C: now
+            if name == "SIGINT" and self.received is not None:
+                raise KeyboardInterrupt  # Ctrl-C with a stop already asked for: now
             hint = " (Ctrl-C again to stop now)" if name == "SIGINT" else ""
             log.warning("received %s: stopping after the current step, checkpoint at that step%s", name, hint)
             self.received = name
             trainer._signal_connector.received_sigterm = True  # Lightning's own stop path (SIGTERMException)
         return handle
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        connector = trainer._signal_connector
+        connector._original_handlers.update(self._previous)  # what Lightning restores when the fit ends
+        if self.received is not None:  # arrived before Lightning registered (and cleared its flag)
+            connector.received_sigterm = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
