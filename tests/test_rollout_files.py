@@ -310,3 +310,23 @@ def test_the_trainer_takes_its_logprobs_at_the_files_temperature(tmp_path):
 def test_mtrains_own_dump_declares_itself():
     assert header_line(0.7, "invariant") == {"rollout_format": "mtrain", "logprob_temperature": 0.7,
                                              "scoring": "invariant"}
+
+
+def test_plain_lines_edge_cases_read_as_written(tmp_path):
+    """A text field holding U+2028 (json.dumps(ensure_ascii=False) writes it as it is) stays one line; a header
+    with only the temperature is a header; a reward beyond float's range and a file where some lines lack a reward
+    are refused in one line."""
+    model = glm()
+    line = {"prompt_ids": [1, 5], "response_ids": [3], "logprobs": [-0.2], "reward": 1.0, "prompt": "a\u2028b"}
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps({"logprob_temperature": 0.5}) + "\n" + json.dumps(line, ensure_ascii=False) + "\r\n"
+                 + json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
+    rows, declared = read_rollout_file(f, shape_of(model))
+    assert len(rows) == 2 and rows[0].example["prompt"] == "a\u2028b" and declared.temperature == 0.5
+    assert rows[1].where.endswith(":3")
+    for bad, message in (({**line, "reward": 10 ** 400}, '"reward" = '), ({k: v for k, v in line.items()
+                                                                         if k != "reward"}, 'no "reward" while')):
+        write(f, [line, bad])
+        with pytest.raises(DataError) as e:
+            read_rollout_file(f, shape_of(model))
+        assert str(e.value).startswith(f"{f}:2: ") and message in str(e.value), str(e.value)

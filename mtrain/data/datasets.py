@@ -104,11 +104,17 @@ def _read(file: Path) -> str:
         raise DataError(f"{file}: not UTF-8 text ({e}). Fix: re-encode the file as UTF-8.") from e
 
 
+def jsonl_lines(text: str) -> List[str]:
+    """The lines of a JSONL file: split at newlines only (``str.splitlines`` would also split inside a JSON string
+    holding U+2028, U+2029 or U+0085, which ``json.dumps(ensure_ascii=False)`` writes as they are)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def read_jsonl(path: str) -> List[Record]:
     """Records of a JSONL file or folder. Each bad line -> ``DataError`` with ``file:line``."""
     out: List[Record] = []
     for file in _files(path, "jsonl"):
-        for n, line in enumerate(_read(file).splitlines(), start=1):
+        for n, line in enumerate(jsonl_lines(_read(file)), start=1):
             if not line.strip():
                 continue
             where = f"{file}:{n}"

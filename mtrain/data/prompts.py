@@ -18,7 +18,7 @@ import math
 from typing import Any, Dict, List, Tuple
 
 from mtrain.data import synthetic
-from mtrain.data.datasets import _files, _read, json_object
+from mtrain.data.datasets import _files, _read, json_object, jsonl_lines
 from mtrain.data.errors import DataError
 
 PromptExample = Dict[str, Any]  # {"prompt": str, "answer": str (absent only without require_answer), ...}
@@ -38,7 +38,7 @@ def read_prompt_jsonl(path: str, require_answer: bool = True) -> List[PromptExam
     """Prompt examples of a JSONL file or folder (see module doc). Bad line or no examples -> ``DataError``."""
     out: List[PromptExample] = []
     for file in _files(path, "jsonl"):
-        for n, line in enumerate(_read(file).splitlines(), start=1):
+        for n, line in enumerate(jsonl_lines(_read(file)), start=1):
             if line.strip():
                 out.append(_parse(line, f"{file}:{n}", n, require_answer))
     if not out:

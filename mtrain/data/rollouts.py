@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from mtrain.data.datasets import _read, json_object
+from mtrain.data.datasets import _read, json_object, jsonl_lines
 from mtrain.data.errors import DataError
 from mtrain.data.rollout_formats import FORMATS, SCALED_BY_DEFAULT, DeclaredLayout, decode_routing, resolve_layout
 from mtrain.models.generate import Generation
@@ -80,16 +80,20 @@ def read_rollout_file(path: str | Path, shape: ModelShape, settings: FileSetting
     if not p.is_file():
         raise DataError(f"{p}: no such rollout file. Fix: give task.rollouts_path a JSONL file, one response per "
                         f"line: {EXAMPLE}")
-    lines = [(n, line) for n, line in enumerate(_read(p).splitlines(), start=1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(jsonl_lines(_read(p)), start=1) if line.strip()]
     header = None
     if lines:
         first = json_object(lines[0][1], f"{p}:{lines[0][0]}", lines[0][0], EXAMPLE)
-        if HEADER in first and "prompt_ids" not in first:
+        if (HEADER in first or "logprob_temperature" in first) and "prompt_ids" not in first:
             header, lines = (f"{p}:{lines[0][0]}", first), lines[1:]
     declared = declare(header, settings, str(p))
     rows = [_parse(json_object(line, f"{p}:{n}", n, EXAMPLE), f"{p}:{n}", shape, declared) for n, line in lines]
     if not rows:
         raise DataError(f"{p}: no rollouts in it. Fix: write one response per line: {EXAMPLE}")
+    if any(r.reward is None for r in rows) and any(r.reward is not None for r in rows):
+        missing = next(r for r in rows if r.reward is None)
+        raise DataError(f"{missing.where}: no \"reward\" while other lines have one. Fix: give every line its "
+                        "reward, or none (then task.reward scores them all).")
     return rows, declared
 
 
@@ -144,7 +148,7 @@ def _agree(where: str, key: str, in_file: Any, cfg_key: str, in_cfg: Any) -> Any
 
 
 def _temperature(where: str, t: Any) -> float:
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not _finite(t) or t <= 0:
         raise DataError(f"{where}: logprob temperature {t!r} is not a number > 0. Fix: give the temperature the "
                         "engine took its logprobs at (1.0: unscaled).")
     return float(t)
@@ -162,6 +166,13 @@ def _ids(obj: dict, key: str, where: str, vocab: int) -> List[int]:
     return v
 
 
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond float's range
+        return False
+
+
 def _parse(obj: dict, where: str, shape: ModelShape, declared: Optional[DeclaredLayout]) -> RolloutRow:
     prompt = _ids(obj, "prompt_ids", where, shape.vocab_size)
     response = _ids(obj, "response_ids", where, shape.vocab_size)
@@ -173,12 +184,12 @@ def _parse(obj: dict, where: str, shape: ModelShape, declared: Optional[Declared
         raise DataError(f"{where}: {len(lps)} logprobs for {len(response)} response tokens. Fix: one logprob per "
                         "response token.")
     for i, x in enumerate(lps):
-        if not math.isfinite(x) or x > 0:
+        if not _finite(x) or x > 0:
             raise DataError(f"{where}: logprobs[{i}] = {x} is not a log-probability (finite, <= 0). Fix: write the "
                             "engine's logprobs, not probabilities or logits.")
     reward = obj.get("reward")
     if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))
-                               or not math.isfinite(reward)):
+                               or not _finite(reward)):
         raise DataError(f"{where}: \"reward\" = {reward!r} is not a finite number. Fix: write a number, or leave it "
                         "out to score with task.reward.")
     routed = obj.get("routed_experts")
