@@ -174,7 +174,7 @@ SEEN = []
 class Counting(RecomputeEngine):
     \"\"\"An engine of one's own: the reference engine that counts its requests, with an option of its own.\"\"\"
 
-    def __init__(self, *, copy_of, eos_ids, pad_id, label: str = "none"):
+    def __init__(self, *, copy_of, eos_ids, pad_id, label: str = "none", url: str):
         super().__init__(copy_of=copy_of, eos_ids=eos_ids, pad_id=pad_id)
         SEEN.append(("built", label, type(copy_of).__name__))
 
@@ -194,7 +194,7 @@ def test_an_engine_of_ones_own_by_dotted_path_runs_grpo_with_its_options(tmp_pat
     monkeypatch.syspath_prepend(str(tmp_path))
     mod = importlib.import_module("my_engines")
     m, _ = grpo(tmp_path, "trainer.max_steps=2", SIGNAL, "task.engine=my_engines.Counting",
-                "task.engine_args.label=hi")
+                "task.engine_args.label=hi", "task.engine_args.url=http://localhost:1")
     assert mod.SEEN[0] == ("built", "hi", "Glm4MoeForCausalLM")  # the trainer to copy
     assert mod.SEEN[1:] == [("generate", 16), ("generate", 16)]  # 4 prompts x 4 responses, each RL step
     assert m["engine"] == "my_engines.Counting" and m["steps"] == 2
@@ -206,4 +206,8 @@ def test_an_engine_of_ones_own_by_dotted_path_runs_grpo_with_its_options(tmp_pat
     with pytest.raises(Exception) as e:
         check_config(Job.prepare(compose_cfg([*TINY, "task.engine=my_engines.Counting", "task.engine_args.lable=x"])))
     assert user_error(e.value) and "task.engine_args.lable: rollout engine 'my_engines.Counting' takes no option " \
-        "'lable'; its options: label" in str(e.value)
+        "'lable'; its options: label, url" in str(e.value)
+    with pytest.raises(Exception) as e:  # a required option left out: before anything is built, not a TypeError
+        check_config(Job.prepare(compose_cfg([*TINY, "task.engine=my_engines.Counting"])))
+    assert user_error(e.value) and "task.engine_args.url: rollout engine 'my_engines.Counting' needs it" \
+        in str(e.value), str(e.value)

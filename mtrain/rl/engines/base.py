@@ -16,6 +16,7 @@ bit by construction.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
 
@@ -128,7 +129,13 @@ def choose_engine(engine: str, exact: bool, from_file: bool, exact_explicit: boo
 
 def check_engine_args(name: str, args: Optional[Mapping[str, Any]]) -> None:
     """ValueError in one line when ``args`` (``task.engine_args``) holds an option engine ``name`` does not take."""
-    if args and name == "file":
-        raise ValueError(f"task.engine_args ({', '.join(args)}): the file engine takes no options")
-    if args:
-        ENGINES.check(name, args, where="task.engine_args")
+    if name == "file":
+        if args:
+            raise ValueError(f"task.engine_args ({', '.join(args)}): the file engine takes no options")
+        return
+    ENGINES.check(name, args, where="task.engine_args")
+    missing = [k for k, default in ENGINES.options(name).items() if default is inspect.Parameter.empty
+               and k not in (args or {})]
+    if missing:
+        raise ValueError(f"task.engine_args.{missing[0]}: rollout engine {name!r} needs it (its required options: "
+                         f"{', '.join(missing)})")
