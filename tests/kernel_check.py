@@ -61,14 +61,7 @@ check("logprob", rowwise.logprob(logits, tok, 0.7), ops.logprob(logits, tok, 0.7
 keys = ops.noise_keys(7, torch.arange(6), torch.arange(6))
 for t, p in ((0.8, 1.0), (0.8, 0.5), (0.0, 1.0)):
     ref = ops.sample(logits, t, p, keys)  # the CPU torch version
-    if t > 0 and p < 1.0:
-        scaled = logits / t
-        ordered = scaled.sort(dim=-1, descending=True).values
-        probs = ordered.softmax(-1)
-        keep = ((probs.cumsum(-1) - probs) <= p).sum(-1, keepdim=True)
-        thr = ordered.gather(-1, keep - 1).squeeze(-1)
-    else:
-        thr = torch.full((6,), float("-inf"))
+    thr = ops.nucleus_threshold(logits, t, p)
     same(f"sample T={t} top_p={p}", rowwise.sample(logits, keys, thr, t), ref)
 
 if bad:

@@ -141,6 +141,28 @@ def test_exact_engine_and_the_trainers_recompute_agree_in_the_task_path():
     assert torch.equal(reference.tokens, gen.tokens)  # the same draw as the reference
 
 
+def test_sampling_noise_is_finite_and_top_p_keeps_hf_boundary():
+    """Every 32-bit hash maps to u strictly inside (0, 1): at u = 1 the Gumbel noise is +inf and that token would win
+    whatever its logit (with 24 bits, 1 hash in 2^24: about 1 sampled token in 110 at a 152k vocabulary). Top-p keeps
+    a token while the mass before it is below top_p: probabilities (0.5, 0.25, 0.25) at top_p = 0.5 keep one."""
+    from mtrain.models import ops
+
+    top = ops.uniform(torch.tensor([0xFFFFFFFF, 0xFFFFFF00, 0], dtype=torch.int64))
+    assert bool((top < 1).all() and (top > 0).all()) and torch.isfinite(-torch.log(-torch.log(top))).all()
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]])).repeat(256, 1)
+    keys = ops.noise_keys(3, torch.arange(256), torch.zeros(256, dtype=torch.long))
+    assert set(ops.sample(logits, 1.0, 0.5, keys).tolist()) == {0}
+    assert set(ops.sample(logits, 1.0, 0.8, keys).tolist()) == {0, 1, 2}  # the tie at the threshold stays in
+
+
+def test_the_fast_engine_refuses_what_it_cannot_do_at_construction():
+    model = build_model(SHAPES["qwen3_moe"], seed=0)
+    with pytest.raises(ValueError, match="at most 8 token ids"):
+        FastEngine(copy_of=model, eos_ids=list(range(9)))
+    with pytest.raises(ValueError, match="max_new_tokens=0: generate at least one token"):
+        Decoder(model).generate([[1, 2]], max_new_tokens=0)
+
+
 def test_triton_kernels_match_their_torch_versions_in_the_interpreter():
     pytest.importorskip("triton")
     script = Path(__file__).with_name("kernel_check.py")

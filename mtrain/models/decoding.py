@@ -45,6 +45,8 @@ class Decoder:
     ``logits_hook``: applied to each step's fp32 logits [B, V] before sampling and the reported logprob (an engine
     stand-in's noise; eager only)."""
 
+    MAX_STOP_IDS = 8  # stop ids a row is checked against on the device each step
+
     def __init__(self, model: MoECausalLM, *, exact: bool = False, graphs: bool | None = None, sync_every: int = 8,
                  logits_hook: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model, self.exact, self.hook = model, exact, logits_hook
@@ -82,7 +84,7 @@ class Decoder:
         self.slot_buf = torch.full((_cpu_padded(C, True),), self.cap, dtype=torch.long, device=dev)
         self.seed_buf = torch.zeros((), dtype=torch.long, device=dev)
         self.max_new_buf = torch.zeros((), dtype=torch.long, device=dev)
-        self.eos_buf = torch.full((8,), -1, dtype=torch.long, device=dev)
+        self.eos_buf = torch.full((self.MAX_STOP_IDS,), -1, dtype=torch.long, device=dev)
 
     def _context(self):
         stack = contextlib.ExitStack()
@@ -159,8 +161,10 @@ class Decoder:
         one of ``eos_ids``. The same draw for a row whatever the batch: its noise is keyed by (seed, row, step)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt and no empty prompt")
-        if len(eos_ids) > 8:
-            raise ValueError(f"at most 8 stop ids, got {len(eos_ids)}")
+        if len(eos_ids) > self.MAX_STOP_IDS:
+            raise ValueError(f"at most {self.MAX_STOP_IDS} stop ids, got {len(eos_ids)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: generate at least one token")
         B, dev = len(prompts), self.device
         lens = [len(p) for p in prompts]
         longest = max(lens)

@@ -189,22 +189,33 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.T
     hash of (``keys[r]``, token id). A row's draw depends on its logits and key only, not on the batch; ties go to the
     lowest token id. No host sync (CUDA-graph safe)."""
     R, V = logits.shape
-    if temperature > 0 and top_p < 1.0:
-        scaled = logits.float() / temperature
-        ordered = scaled.sort(dim=-1, descending=True).values
-        probs = ordered.softmax(-1)
-        keep = ((probs.cumsum(-1) - probs) <= top_p).sum(-1, keepdim=True)  # >= 1: the first token always stays
-        threshold = ordered.gather(-1, keep - 1).squeeze(-1)
-    else:
-        threshold = torch.full((R,), float("-inf"), device=logits.device)
+    threshold = nucleus_threshold(logits, temperature, top_p)
     if logits.is_cuda:
         return kernels.sample(logits, keys, threshold, temperature)
     x = logits.float()
     if temperature <= 0:
         return x.argmax(-1)
-    x = x / temperature
     vocab = torch.arange(V, device=logits.device, dtype=torch.int64)
     h = _mix(keys[:, None] ^ ((vocab[None, :] * 0x9E3779B1) & _MASK))
-    u = ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
-    score = torch.where(x >= threshold[:, None], x - torch.log(-torch.log(u)), float("-inf"))
+    u = uniform(h)
+    score = torch.where(x >= threshold[:, None], x / temperature - torch.log(-torch.log(u)), float("-inf"))
     return score.argmax(-1)
+
+
+def nucleus_threshold(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """[R] the smallest fp32 logit a token may have to be in its row's top-p nucleus (-inf: every token). On the
+    unscaled logits, the values the GPU kernel compares too (a threshold on logits / T could sit an ulp above the
+    last kept token's own scaled value there). A token stays while the mass before it is below ``top_p`` (HF's and
+    vLLM's boundary); the first always stays, and tokens whose logit equals the last kept one's stay too."""
+    if not (temperature > 0 and top_p < 1.0):
+        return torch.full((logits.shape[0],), float("-inf"), device=logits.device)
+    ordered = logits.float().sort(dim=-1, descending=True).values
+    probs = (ordered / temperature).softmax(-1)
+    keep = ((probs.cumsum(-1) - probs) < top_p).sum(-1, keepdim=True).clamp(min=1)
+    return ordered.gather(-1, keep - 1).squeeze(-1)
+
+
+def uniform(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit hash -> fp32 uniform in (0, 1), both ends excluded: 23 bits, (k + 0.5) / 2^23. (24 bits would round
+    the top value to 1.0 in fp32, whose Gumbel noise is +inf: that token would win whatever its logit.)"""
+    return ((h >> 9).float() + 0.5) * (1.0 / 8388608.0)

@@ -88,11 +88,10 @@ def _sample(logits_ptr, key_ptr, thr_ptr, out_ptr, V, s_l, inv_t, GREEDY: tl.con
         x = tl.load(base + v, mask=v < V, other=float("-inf")).to(tl.float32)
         if GREEDY:
             score = x
-        else:
-            x = x * inv_t
+        else:  # the nucleus on the unscaled logits; u in (0, 1) from 23 bits (ops.uniform)
             h = _mix(key ^ ((v.to(tl.int64) * 0x9E3779B1) & 0xFFFFFFFF))
-            u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            score = tl.where(x >= thr, x - tl.log(-tl.log(u)), float("-inf"))
+            u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+            score = tl.where(x >= thr, x * inv_t - tl.log(-tl.log(u)), float("-inf"))
         take = score > best
         best = tl.where(take, score, best)
         best_i = tl.where(take, v, best_i)
@@ -102,7 +101,7 @@ def _sample(logits_ptr, key_ptr, thr_ptr, out_ptr, V, s_l, inv_t, GREEDY: tl.con
 
 
 def sample(logits: torch.Tensor, keys: torch.Tensor, threshold: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Gumbel-max over logits [R, V] / T with per-row noise keys [R] (int64 < 2^32), keeping tokens whose scaled
+    """Gumbel-max over logits [R, V] / T with per-row noise keys [R] (int64 < 2^32), keeping tokens whose (unscaled)
     logit >= threshold[R] (top-p); temperature 0 = argmax. Ties go to the lowest token id."""
     R, V = logits.shape
     out = torch.empty(R, dtype=torch.int64, device=logits.device)

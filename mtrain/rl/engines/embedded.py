@@ -165,7 +165,12 @@ class FastEngine(ModelEngine):
                          inject=inject)
         self.exact = exact
         self.scoring = "invariant" if exact else "standard"
-        self.decoder = Decoder(self.model, exact=exact, graphs=graphs, logits_hook=self.logits_hook)
+        if len(self.eos_ids) > Decoder.MAX_STOP_IDS:
+            raise ValueError(f"the fast engine stops on at most {Decoder.MAX_STOP_IDS} token ids, got "
+                             f"{len(self.eos_ids)}: {self.eos_ids}")
+        # the stand-in's noise comes from a generator made per request: eager (a graph would replay the first draw)
+        self.decoder = Decoder(self.model, exact=exact, graphs=False if self.inject is not None else graphs,
+                               logits_hook=self.logits_hook)
 
     def _generate(self, request: RolloutRequest):
         s = request.sampling
