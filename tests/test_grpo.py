@@ -116,6 +116,17 @@ def test_warm_start_stops_at_the_accuracy_target(tmp_path):
     assert full["warm_start"] == {"steps": 30}
 
 
+def test_every_rl_step_runs_its_mini_batches_when_they_do_not_divide_the_responses(tmp_path):
+    """6 responses in 4 mini-batches (2, 2, 1, 1): 4 optimizer steps an RL step, so trainer.max_steps=3 is 3 RL
+    steps, each once (``chunk`` made 3 slices of 2: Lightning's count fell behind and step 0 ran twice)."""
+    m, run_dir = grpo(tmp_path, "trainer.max_steps=3", "task.prompts_per_step=3", "task.group_size=2",
+                      "task.num_minibatches=4", "task.eval_every=0")
+    assert m["steps"] == 3 and [int(r["step"]) for r in history(run_dir) if r.get("train/loss")] == [0, 1, 2]
+    steps = [json.loads(line)["step"] for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    k = steps.count(0)
+    assert k and steps == [0] * k + [1] * k + [2] * k  # each step's samples, once
+
+
 def test_advantage_modes_and_losses_run(tmp_path):
     for i, extra in enumerate([["task.advantage=rloo", "task.loss=gspo", "task.clip_low=3e-4", "task.clip_high=4e-4",
                                 "task.loss_agg=seq-mean-token-mean"],

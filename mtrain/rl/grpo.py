@@ -168,9 +168,11 @@ def minibatch_loss(model: MoECausalLM, batch: StepBatch, rows: torch.Tensor, s: 
 
 
 def minibatches(n: int, num: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """``num`` shuffled, near-equal slices of ``range(n)``."""
-    order = torch.randperm(n, generator=generator)
-    return [chunk for chunk in order.chunk(num) if chunk.numel()]
+    """``num`` shuffled, near-equal, non-empty slices of ``range(n)`` (``n >= num``): exactly ``num`` optimizer steps,
+    the step count Lightning's schedule and the RL step number rely on (``chunk`` can return fewer: 6 in 3x2)."""
+    if not 1 <= num <= n:
+        raise ValueError(f"{num} mini-batches of {n} responses: need 1 <= num_minibatches <= responses")
+    return list(torch.randperm(n, generator=generator).tensor_split(num))
 
 
 def mismatch_stats(gen: Generation, old: OldPolicy) -> dict:
