@@ -272,3 +272,13 @@ def test_fsdp_two_ranks_balance_as_one_process_on_the_whole_batch(tmp_path):
     m2, m1 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
     assert m2["world_size"] == 2 and m2["routing"]["expert_bias"] == m1["routing"]["expert_bias"]
     assert max(abs(x) for x in m2["routing"]["expert_bias"][0]) > 0
+
+
+def test_grpo_counts_the_real_tokens_not_the_padding(tmp_path):
+    """A GRPO step's forwards run over left-padded prompts and responses padded to the longest: the load metrics
+    (and the bias update) count the prompt and response tokens only, every one of them once per epoch."""
+    m, run = run_task(tmp_path, "grpo", *GRPO, "trainer.max_steps=1", "task.max_new_tokens=12",
+                      "task.dump_rollouts=true", "task.num_minibatches=3")
+    lines = [json.loads(x) for x in (run / "rollout_batches.jsonl").read_text().splitlines()[1:]]
+    real = sum(len(x["prompt_ids"]) + len(x["response_ids"]) for x in lines)
+    assert len(lines) == 16 and m["routing"]["tokens"] == real * len(m["routing"]["layers"])

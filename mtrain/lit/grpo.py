@@ -106,6 +106,8 @@ class GRPOModule(L.LightningModule):
         self.rollouts_file = rollouts_file
         self.dump_file = dump_file  # every step's batch written to a rollout file
         self.pad_id = pad_id
+        # set by RoutingHealth: tells the router statistics which positions of the next forward are real tokens
+        self.expect_tokens: Optional[Callable[[torch.Tensor], None]] = None
         self.history: list[dict] = []  # one dict of metrics per RL step (this run's steps)
         self.evals: list[tuple[int, float]] = []  # (RL step, held-out accuracy)
         self.seconds = {"rollout": 0.0, "old_logprobs": 0.0, "update": 0.0, "eval": 0.0}
@@ -231,8 +233,11 @@ class GRPOModule(L.LightningModule):
         stats_sum: dict[str, float] = {}
         norms = []
         gen = torch.Generator().manual_seed(s.seed * 7919 + step)
+        real = batch.gen.real_tokens() if self.expect_tokens is not None else None
         for _ in range(s.ppo_epochs):
             for rows in minibatches(len(batch), s.num_minibatches, gen):
+                if real is not None:  # routing statistics count these, not the padding
+                    self.expect_tokens(real[rows.to(real.device)])
                 loss, stats = minibatch_loss(self.model, batch, rows.to(batch.rewards.device), s.loss,
                                              self.pad_id, s.mismatch.rollout_correction if s.mismatch.bypass else None)
                 opt.zero_grad(set_to_none=True)

@@ -89,6 +89,8 @@ class RoutingHealth(L.Callback):
         if self.mode == "train":
             self.stats.attach(pl_module.model)
             self._seen_step = trainer.global_step
+            if hasattr(pl_module, "expect_tokens"):  # a module whose batches are not token tensors (GRPO)
+                pl_module.expect_tokens = self.stats.expect
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.mode == "train":

@@ -74,6 +74,14 @@ class Generation:
             raise ValueError(f"the rollout routed {full.shape[2]} MoE layers; the model has {len(moe_layers)}")
         return {layer: full[:, :, i].long().contiguous() for i, layer in enumerate(moe_layers)}
 
+    def real_tokens(self) -> torch.Tensor:
+        """[B, width] bool over the buffer (prompts left-padded, generated tokens after them): the prompt's tokens
+        and the generated ones, up to and including the stop token; False at padding."""
+        N, longest = self.tokens.shape[1], self.first
+        _, real = left_padded(self.prompts, self.width, 0, self.tokens.device)
+        real[:, longest : longest + N] = self.mask
+        return real
+
     @property
     def mask(self) -> torch.Tensor:
         """[B, N] bool: a generated token (up to and including the stop token)."""
@@ -182,13 +190,11 @@ def positions_and_mask(real: torch.Tensor, q_len: int) -> tuple[torch.Tensor, to
 def rollout_layout(gen: Generation, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The rollout's buffer as one trainer forward sees it: ids [B, width] (prompts left-padded, generated tokens
     after them), RoPE positions, the attention mask, and the index of the first generated slot."""
-    device = gen.tokens.device
     N = gen.tokens.shape[1]
     longest = max(len(p) for p in gen.prompts)
-    ids, real = left_padded(gen.prompts, gen.width, pad_id, device)
+    ids, _ = left_padded(gen.prompts, gen.width, pad_id, gen.tokens.device)
     ids[:, longest : longest + N] = gen.tokens
-    real[:, longest : longest + N] = gen.mask
-    positions, mask = positions_and_mask(real, gen.width)
+    positions, mask = positions_and_mask(gen.real_tokens(), gen.width)
     return ids, positions, mask, longest
 
 
