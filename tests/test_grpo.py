@@ -152,6 +152,8 @@ BAD_INPUT = {
     "reward": (["task.reward=test_grpo.bad_reward"], "example 0"),
     "advantage": (["task.advantage=ppo2"], "task.advantage='ppo2'"),
     "warm_target": (["task.warm_start_accuracy=30"], "task.warm_start_accuracy=30"),
+    "no_answers": (["task.prompts_path={unanswered}", "task.reward=test_grpo.digit_reward"],
+                   "task.max_new_tokens=null sizes responses by the longest answer"),
 }
 CLI_CASES = ("group", "reward")  # through the CLI: exit 2, one line; the others in-process (same check, no start-up)
 
@@ -161,8 +163,10 @@ def bad_input_args(tmp_path, case):
     empty.write_text("\n")
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "1+1=" * 10, "answer": "2"}) + "\n")
+    unanswered = tmp_path / "unanswered.jsonl"
+    unanswered.write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(8)))
     args, message = BAD_INPUT[case]
-    return [a.format(empty=empty, long=long) for a in args], message
+    return [a.format(empty=empty, long=long, unanswered=unanswered) for a in args], message
 
 
 @pytest.mark.parametrize("case", CLI_CASES)

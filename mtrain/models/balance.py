@@ -107,11 +107,12 @@ def load_balancing_loss(
         c, s, n = _sums(p, e, num_experts, mask)
         counts, prob_sum, rows = counts + c, prob_sum + s, rows + n
     if reduce is None:
+        rows = rows.clamp(min=1)  # no real token: 0, as the other losses
         return num_experts * torch.sum(counts / rows * (prob_sum / rows))
     # global: f and the token count over the ranks; this rank's P weighted by its share of the global tokens (x the
     # world size, which data parallelism divides by), so the ranks' mean is the loss of the global batch
     summed = reduce(torch.cat([counts, rows.reshape(1), torch.ones(1, device=counts.device)]))
-    counts, rows, world = summed[:-2], summed[-2], summed[-1]
+    counts, rows, world = summed[:-2], summed[-2].clamp(min=1), summed[-1]
     return num_experts * torch.sum(counts / rows * (prob_sum * world / rows))
 
 

@@ -58,6 +58,9 @@ def run(job: Job) -> dict[str, Any]:
     dm, model = s.datamodule, s.model
     train_prompts, val_prompts = prompt_sets(job, s)
     encoded = [dm.encode_prompt(e["prompt"]) for e in train_prompts]
+    if t.max_new_tokens is None and not any("answer" in e for e in train_prompts):
+        raise ConfigError("task.max_new_tokens=null sizes responses by the longest answer + 2, but the prompts have "
+                          "no \"answer\"; set task.max_new_tokens")
     max_new = t.max_new_tokens or 2 + max(
         len(dm.tokenizer.encode(str(e.get("answer", "")), add_special_tokens=False).ids) for e in train_prompts)
     limit = model.config.max_position_embeddings
