@@ -101,6 +101,10 @@ def test_outputs_metrics_and_resume_continue_exactly(tmp_path):
     want = {int(r["step"]): r for r in history(full_dir)}
     got = {int(r["step"]): r for r in history(res_dir)}
     assert sorted(got) == [2, 3]
+    # the resumed run reports the whole run: accuracy before RL, the eval curve, means over every step
+    assert resumed["val_accuracy_curve"] == full["val_accuracy_curve"]
+    for key in ("val_accuracy_before", "val_accuracy", "mismatch_k3_mean", "reward_mean_last10"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
     for step in (2, 3):
         for key in ("reward/mean", "train/loss", "train/grad_norm", "mismatch/k3"):
             assert float(got[step][key]) == pytest.approx(float(want[step][key]), rel=1e-6, abs=1e-9), (step, key)

@@ -108,7 +108,7 @@ class GRPOModule(L.LightningModule):
         self.pad_id = pad_id
         # set by RoutingHealth: tells the router statistics which positions of the next forward are real tokens
         self.expect_tokens: Optional[Callable[[torch.Tensor], None]] = None
-        self.history: list[dict] = []  # one dict of metrics per RL step (this run's steps)
+        self.history: list[dict] = []  # one dict of metrics per RL step (a resumed run's from its checkpoint too)
         self.evals: list[tuple[int, float]] = []  # (RL step, held-out accuracy)
         self.seconds = {"rollout": 0.0, "old_logprobs": 0.0, "update": 0.0, "eval": 0.0}
         self.eval_seconds: list[float] = []
@@ -132,8 +132,22 @@ class GRPOModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.model.policy.check(self.model)
         self._hand_over()  # a resumed run's weights reach the engine before its first rollout
-        if self.evaluate is not None and not self.evals:
+        if self.evaluate is not None and not self.evals:  # a resumed run has its evals, the one before RL first
             self._evaluate()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the run's per-step metrics and held-out evals: a resumed run reports the whole run (accuracy before RL,
+        # means over every step), not only its own part. Plain numbers: a checkpoint loads with weights_only.
+        checkpoint["mtrain_grpo"] = {
+            "history": [{k: on_host(v) if isinstance(v, torch.Tensor) else v for k, v in row.items()}
+                        for row in self.history],
+            "evals": [[step, float(acc)] for step, acc in self.evals],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("mtrain_grpo") or {}
+        self.history = list(state.get("history") or [])
+        self.evals = [(int(step), float(acc)) for step, acc in state.get("evals") or []]
 
     def on_train_end(self) -> None:
         if self.evaluate is not None and (not self.evals or self.evals[-1][0] != self.rl_step):
