@@ -104,8 +104,8 @@ def build_engine(name: str, args: Optional[Mapping[str, Any]] = None, **context:
 def choose_engine(engine: str, exact: bool, from_file: bool, exact_explicit: bool = False) -> tuple[str, bool]:
     """The engine a job runs and whether it is exact: ``auto`` is ``file`` with a rollout file, else ``fast``;
     ``exact`` is the precision plan's decision (``exact_rollout``: the RL decision, or ``task.exact`` when
-    ``exact_explicit``). ValueError names a choice that cannot work; an engine of one's own runs with ``exact`` as given (its ``scoring`` says how
-    the trainer recomputes its logprobs)."""
+    ``exact_explicit``). ValueError names a choice that cannot work; an engine of one's own runs with ``exact`` as
+    given (its ``scoring`` says how the trainer recomputes its logprobs)."""
     if engine != "auto" and engine not in ENGINES:
         if "." not in engine:
             raise ValueError(f"engine={engine!r} is not one of auto, {', '.join(ENGINES.names())}, or a dotted path "
