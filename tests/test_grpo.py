@@ -156,6 +156,7 @@ BAD_INPUT = {
     "reward": (["task.reward=test_grpo.bad_reward"], "example 0"),
     "advantage": (["task.advantage=ppo2"], "task.advantage='ppo2'"),
     "warm_target": (["task.warm_start_accuracy=30"], "task.warm_start_accuracy=30"),
+    "eval_every": (["task.eval_every=-1"], "task.eval_every=-1 must be >= 0"),
     "no_answers": (["task.prompts_path={unanswered}", "task.reward=test_grpo.digit_reward"],
                    "task.max_new_tokens=null sizes responses by the longest answer"),
 }

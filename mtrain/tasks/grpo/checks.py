@@ -35,6 +35,9 @@ def check_config(job: Job) -> None:
     for key in ("prompts_per_step", "ppo_epochs", "num_minibatches"):
         if t[key] < 1:
             raise ConfigError(f"task.{key}={t[key]} must be >= 1")
+    for key in ("eval_every", "rollouts_every"):
+        if t[key] < 0:
+            raise ConfigError(f"task.{key}={t[key]} must be >= 0 (every N RL steps; 0: off)")
     if t.num_minibatches > t.prompts_per_step * t.group_size:
         raise ConfigError(f"task.num_minibatches={t.num_minibatches} exceeds the {t.prompts_per_step * t.group_size} "
                           "responses of a step; lower it")
