@@ -524,3 +524,38 @@ def test_every_weight_hand_over_keeps_the_fp32_gate(family, tmp_path):
     gate = engine.model.model.layers[1].mlp.gate.weight
     assert gate.dtype == torch.float32 and torch.equal(gate, trainer.model.layers[1].mlp.gate.weight)
     assert engine.model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+@needs_hf
+def test_layers_past_the_config_are_refused_mtp_layers_skipped_and_not_advertised_on_export(tmp_path):
+    """GLM's MTP layers (``num_nextn_predict_layers``) after the decoder layers are skipped on load; any other layer
+    the config does not count is refused (it was silently dropped). The export holds no MTP layer and says so in its
+    config.json, with both dtype keys."""
+    mtp = tmp_path / "mtp"
+    save_hf(hf_model("glm4_moe", dict(n_routed_experts=8, num_nextn_predict_layers=1)), mtp, mtp=True,
+            max_shard_size="40KB")
+    model = from_pretrained(mtp)
+    out = save_pretrained(model, tmp_path / "export")
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["num_nextn_predict_layers"] == 0 and cfg["torch_dtype"] == cfg["dtype"] == "float32"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if k.startswith(f"model.layers.{model.config.num_hidden_layers}.")]
+    hf_cfg = json.load(open(mtp / "config.json"))
+    json.dump(hf_cfg | {"num_nextn_predict_layers": 0}, open(mtp / "config.json", "w"))  # an extra layer, undeclared
+    with pytest.raises(CheckpointError, match=r"unexpected key 'model\.layers\.3\.eh_proj\.weight'.*does not match"):
+        from_pretrained(mtp)
+
+
+@needs_hf
+def test_config_json_fields_left_out_take_transformers_defaults(tmp_path):
+    """A Qwen3-MoE config.json without ``norm_topk_prob`` routes as transformers does (its default: False), and one
+    without ``head_dim`` has hidden_size / num_attention_heads: the same logits as transformers."""
+    path = tmp_path / "qwen"
+    hf = save_hf(hf_model("qwen3_moe", dict(num_experts=8, norm_topk_prob=False, hidden_size=128, head_dim=32)),
+                 path)
+    cfg = json.load(open(path / "config.json"))
+    del cfg["norm_topk_prob"], cfg["head_dim"]
+    json.dump(cfg, open(path / "config.json", "w"))
+    ours = from_pretrained(path).eval()
+    assert ours.config.norm_topk_prob is False and ours.config.head_dim_ == 32
+    assert compare(hf.eval(), ours, torch.randint(0, 64, (2, 9))) < 1e-4

@@ -48,6 +48,14 @@ def finish(run_dir: Path, metrics: dict, files: dict, t_start: float, rank_zero:
 _TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
+def copy_tokenizer_side_files(source: Path, folder: Path) -> None:
+    """The tokenizer's companions in ``source`` (chat template, eos and generation settings) into ``folder``."""
+    for name in _TOKENIZER_SIDE_FILES:
+        side = source / name
+        if side.is_file():
+            shutil.copyfile(side, folder / name)
+
+
 def export_hf(
     model: MoECausalLM, dm: MTrainDataModule, tokenizer_from: Optional[Path], dest: Path, dtype: Optional[torch.dtype] = None
 ) -> Optional[Path]:
@@ -66,10 +74,7 @@ def export_hf(
         if tok_file is None:
             save_tokenizer(dm.tokenizer, folder)
             return
-        for name in _TOKENIZER_SIDE_FILES:
-            side = tok_file.parent / name
-            if side.is_file():
-                shutil.copyfile(side, folder / name)
+        copy_tokenizer_side_files(tok_file.parent, folder)
 
     with reporting_full_disk(dest, lambda: export_bytes(model, dtype), "export"):  # a full disk: one line
         if is_sharded(model):

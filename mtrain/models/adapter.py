@@ -28,11 +28,13 @@ class ExpertKeyAdapter:
     fused = ("experts.gate_up_proj", "experts.down_proj")
 
     # -- reading -------------------------------------------------------------------------------------------------
-    def target(self, key: str, num_layers: int, tied: bool, names: Iterable[str]) -> Optional[Target]:
+    def target(self, key: str, num_layers: int, tied: bool, names: Iterable[str], mtp_layers: int = 0
+               ) -> Optional[Target]:
         """Where checkpoint ``key`` goes among ``names`` (the model's parameters and buffers); None = not stored
-        in the model (MTP layers after the decoder layers, RoPE buffers, a tied ``lm_head``)."""
+        in the model (the ``mtp_layers`` MTP layers after the decoder layers, RoPE buffers, a tied ``lm_head``).
+        A layer beyond those is :class:`UnexpectedKey`: the checkpoint has more layers than its config says."""
         layer = self.layer_key.match(key)
-        if layer and int(layer.group(1)) >= num_layers:
+        if layer and num_layers <= int(layer.group(1)) < num_layers + mtp_layers:
             return None  # GLM MTP (next-token-prediction) layers live after the decoder layers
         if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and tied):
             return None

@@ -136,7 +136,8 @@ def map_key(model: MoECausalLM, key: str, params: dict, file: Path):
     """Where checkpoint ``key`` lands in ``model`` (the family adapter's target), None = skipped."""
     cfg = model.config
     try:
-        return family_of(model).adapter.target(key, cfg.num_hidden_layers, cfg.tie_word_embeddings, params)
+        return family_of(model).adapter.target(key, cfg.num_hidden_layers, cfg.tie_word_embeddings, params,
+                                               getattr(cfg, "num_nextn_predict_layers", 0))
     except UnexpectedKey:
         raise CheckpointError(
             f"{file.name}: unexpected key {key!r} for a {cfg.model_type} with {cfg.num_hidden_layers} layers; "

@@ -84,6 +84,7 @@ class MoEConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
             raise ValueError(f"rope_type={rope_type!r} is not supported; mtrain implements the default RoPE")
+        hf.setdefault("head_dim", None)  # absent: hidden_size / num_attention_heads, as transformers computes it
         cls._normalize_hf(hf)
         eos = hf.get("eos_token_id")
         hf["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))

@@ -5,6 +5,7 @@ dtype the run used; written into a temporary folder that takes the final name on
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ from .factory import dtype_of
 from .gate_check import PRECISION_FILE
 from .registry import family_of
 from .transformer import MoECausalLM
+
+log = logging.getLogger(__name__)
 
 
 def hf_tensors(model: MoECausalLM, named=None):
@@ -101,7 +104,14 @@ def save_pretrained(
             dtype = next(p for n, p in model.named_parameters() if "embed_tokens" in n).dtype
         elif gate is not None and not model.moe_gate_fp32:
             gate = dtype
-        hf = model.config.to_hf() | {"dtype": str(dtype).removeprefix("torch."), "transformers_version": "5.0.0"}
+        name = str(dtype).removeprefix("torch.")
+        # both dtype keys: transformers < 4.56 and the engines built on it read torch_dtype
+        hf = model.config.to_hf() | {"dtype": name, "torch_dtype": name, "transformers_version": "5.0.0"}
+        if hf.get("num_nextn_predict_layers"):  # mtrain neither trains nor writes the MTP layers
+            log.warning("the export holds no MTP (next-token-prediction) layers: its config.json says "
+                        "num_nextn_predict_layers=0 (the source checkpoint had %d; MTP speculative decoding needs "
+                        "them)", hf["num_nextn_predict_layers"])
+            hf["num_nextn_predict_layers"] = 0
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         record = {
             "moe_gate_fp32": model.moe_gate_fp32,

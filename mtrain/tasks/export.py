@@ -11,6 +11,7 @@ from pathlib import Path
 from mtrain.config import ConfigError
 from mtrain.disk import reporting_full_disk
 from mtrain.job import Job, export_bytes, model_from_config
+from mtrain.job.outputs import copy_tokenizer_side_files
 from mtrain.models import CheckpointError, save_pretrained
 from mtrain.models.gate_check import read_precision_record
 
@@ -27,6 +28,7 @@ def run(job: Job) -> dict:
             save_pretrained(
                 model, dest, max_shard_size=cfg.task.max_shard_size,
                 tokenizer_file=tokenizer if tokenizer is not None and tokenizer.is_file() else None,
+                extra=(lambda folder: copy_tokenizer_side_files(tokenizer.parent, folder)) if tokenizer else None,
             )
     except CheckpointError as e:
         raise ConfigError(f"task.path: {e}") from None

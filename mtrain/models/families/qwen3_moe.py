@@ -41,6 +41,7 @@ class Qwen3MoeConfig(MoEConfig):
     def _normalize_hf(cls, hf: dict[str, Any]) -> None:
         if "num_experts" not in hf and "num_local_experts" in hf:
             hf["num_experts"] = hf["num_local_experts"]
+        hf.setdefault("norm_topk_prob", False)  # transformers' Qwen3MoeConfig default (mtrain's own configs: True)
         if hf.get("mlp_only_layers") is None:
             hf["mlp_only_layers"] = []
 
