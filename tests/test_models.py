@@ -327,13 +327,17 @@ def _corrupt(folder, how):
         return folder, "has shape .* but config.json implies"
     if how == "model_type":
         return folder, "does not match the chosen model=glm4_moe"
+    if how == "quantized":
+        cfg = json.load(open(folder / "config.json"))
+        json.dump(cfg | {"quantization_config": {"quant_method": "fp8"}}, open(folder / "config.json", "w"))
+        return folder, r"a quantized checkpoint \(quant_method=fp8\)"
     raise AssertionError(how)
 
 
 @pytest.mark.parametrize(
     "how",
     ["missing_folder", "missing_config", "missing_safetensors", "corrupt", "truncated", "missing_key",
-     "unexpected_key", "shape", "model_type"],
+     "unexpected_key", "shape", "model_type", "quantized"],
 )
 def test_bad_checkpoint_is_refused_clearly(good_ckpt, how):
     folder, message = _corrupt(good_ckpt, how)

@@ -50,6 +50,11 @@ def read_config(path: str | os.PathLike, expected_model_type: str | None = None)
             f"{cfg_file}: model_type={model_type!r} does not match the chosen model={expected_model_type}; "
             f"use model={model_type} for this checkpoint"
         )
+    quant = hf.get("quantization_config")
+    if quant:  # fp8 weights would be upcast as they are, without their scales
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise CheckpointError(f"{cfg_file}: a quantized checkpoint (quant_method={method}); mtrain trains the bf16 "
+                              "release of the model: point model.checkpoint at it")
     try:
         return FAMILIES[model_type].config.from_hf(hf)
     except (TypeError, ValueError) as e:
