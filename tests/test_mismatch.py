@@ -232,3 +232,19 @@ def test_mismatch_sweep_summary_tells_the_rl_story(tmp_path):
         assert on["status"] == off["status"] == "ok"
         assert float(on["routing_disagreement"]) == 0.0 and float(on["logprob_abs_diff_max"]) == 0.0
         assert float(off["routing_disagreement"]) > 0.0 and float(off["logprob_abs_diff_mean"]) > 0.0
+
+
+def test_export_of_a_bf16_checkpoint_in_fp32_says_so(tmp_path, monkeypatch, caplog):
+    """model.dtype follows trainer.precision (fp32 on the CPU trainer): exporting a bf16 checkpoint then doubles its
+    size, which the task says, naming the setting that keeps the dtype."""
+    from mtrain.models import Glm4MoeConfig, build_model, save_pretrained
+    from mtrain.tasks.export import run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FD_ENABLE_RL", raising=False)
+    save_pretrained(build_model(Glm4MoeConfig(), dtype=torch.bfloat16, seed=0), tmp_path / "ckpt")
+    cfg = compose_cfg(tmp_path, ["task=export", "model=glm4_moe", f"model.checkpoint={tmp_path / 'ckpt'}",
+                                 f"task.path={tmp_path / 'export'}"])
+    with caplog.at_level(logging.WARNING):
+        assert run(Job.prepare(cfg))["dtype"] == "float32"
+    assert "exporting a bfloat16 checkpoint as float32" in caplog.text and "model.dtype=bfloat16" in caplog.text

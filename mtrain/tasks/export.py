@@ -13,6 +13,7 @@ from mtrain.disk import reporting_full_disk
 from mtrain.job import Job, export_bytes, model_from_config
 from mtrain.job.outputs import copy_tokenizer_side_files
 from mtrain.models import CheckpointError, save_pretrained
+from mtrain.models.checkpoint import checkpoint_dtype
 from mtrain.models.gate_check import read_precision_record
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,13 @@ def run(job: Job) -> dict:
     cfg, plan = job.cfg, job.plan
     dest = Path(cfg.task.path) if cfg.task.path else job.dir / "hf_model"
     model = model_from_config(cfg.model, plan.policy, seed=cfg.seed)
+    stored = checkpoint_dtype(Path(cfg.model.checkpoint)) if cfg.model.checkpoint else None
+    written = model.output_weight.dtype
+    if stored is not None and stored.itemsize < written.itemsize:
+        log.warning("exporting a %s checkpoint as %s (model.dtype, which follows trainer.precision unless set) "
+                    "makes it %dx larger; model.dtype=%s keeps its dtype", str(stored).removeprefix("torch."),
+                    str(written).removeprefix("torch."), written.itemsize // stored.itemsize,
+                    str(stored).removeprefix("torch."))
     tokenizer = Path(cfg.model.checkpoint) / "tokenizer.json" if cfg.model.checkpoint else None
     try:
         with reporting_full_disk(dest, lambda: export_bytes(model), "export"):
