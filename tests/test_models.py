@@ -69,6 +69,11 @@ VARIANTS = {
         dict(num_experts=8, mlp_only_layers=[0, 2], tie_word_embeddings=True, norm_topk_prob=True),
         dict(max_shard_size="30KB"),
     ),
+    "qwen_attention_bias": (
+        "qwen3_moe",
+        dict(num_experts=8, attention_bias=True),  # q/k/v and o_proj biases in transformers' Qwen3-MoE
+        dict(),
+    ),
     "qwen_top4_of_16_bf16_saved": (
         "qwen3_moe",
         dict(num_experts=16, num_experts_per_tok=4, norm_topk_prob=True),

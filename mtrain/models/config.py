@@ -53,6 +53,11 @@ class MoEConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
+    def o_proj_bias(self) -> bool:
+        """Whether the attention output projection has a bias (transformers: Qwen3-MoE with ``attention_bias``)."""
+        return False
+
+    @property
     def shared_expert_intermediate_size(self) -> int:
         """Intermediate size of the always-active shared expert(s) of an MoE layer (0: none)."""
         return 0

@@ -83,7 +83,7 @@ class Attention(nn.Module):
         self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)

@@ -25,6 +25,10 @@ class Qwen3MoeConfig(MoEConfig):
     norm_topk_prob: bool = True
     use_sliding_window: bool = False
 
+    @property
+    def o_proj_bias(self) -> bool:
+        return self.attention_bias  # transformers' Qwen3MoeAttention: o_proj too (GLM's has none)
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (
             layer_idx not in self.mlp_only_layers
