@@ -30,7 +30,7 @@ from mtrain.job.settings import settings_from
 from mtrain.models import PrecisionPolicy, build_model
 from mtrain.plots import figure
 from mtrain.rl.engines import RolloutRequest, SamplingConfig, build_engine
-from mtrain.rl.engines.base import check_engine_args, choose_engine
+from mtrain.rl.engines.base import task_engine
 from mtrain.rl.mismatch import mismatch_metrics, trainer_recompute
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,7 @@ def run(job: Job) -> dict:
     cfg, plan = job.cfg, job.plan
     task = cfg.task
     try:
-        name, exact = choose_engine(task.engine, plan.exact_rollout, False, task.exact is not None)
-    except ValueError as e:
-        raise ConfigError(f"task.engine / task.exact: {e}") from None
-    try:
-        check_engine_args(name, task.engine_args)
+        name, exact = task_engine(task, plan.exact_rollout)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if task.device == "auto" else str(task.device)

@@ -127,6 +127,17 @@ def choose_engine(engine: str, exact: bool, from_file: bool, exact_explicit: boo
     return name, exact
 
 
+def task_engine(task: Any, exact_rollout: bool, from_file: bool = False) -> tuple[str, bool]:
+    """(engine name, exact) of a task's ``engine``, ``exact`` and ``engine_args`` under the RL decision
+    ``exact_rollout``: :func:`choose_engine`, then the options checked. ValueError in one line naming the keys."""
+    try:
+        name, exact = choose_engine(task.engine, exact_rollout, from_file, task.exact is not None)
+    except ValueError as e:
+        raise ValueError(f"task.engine / task.exact: {e}") from None
+    check_engine_args(name, task.engine_args)
+    return name, exact
+
+
 def check_engine_args(name: str, args: Optional[Mapping[str, Any]]) -> None:
     """ValueError in one line when ``args`` (``task.engine_args``) holds an option engine ``name`` does not take."""
     if name == "file":

@@ -12,7 +12,7 @@ from mtrain.job.settings import settings_from
 from mtrain.registry import Registry
 from mtrain.rl import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGS, POLICY_LOSSES
 from mtrain.rl.engines import MismatchInjection
-from mtrain.rl.engines.base import check_engine_args, choose_engine
+from mtrain.rl.engines.base import task_engine
 from mtrain.rl.grpo import MismatchSettings
 
 from .inputs import reward_function
@@ -81,14 +81,9 @@ def engine_choice(job: Job) -> tuple[str, bool]:
     """(engine name, exact) from ``task.engine``, ``task.exact``, ``task.rollouts_path`` and the RL decision."""
     t = job.cfg.task
     try:
-        name, exact = choose_engine(t.engine, job.plan.exact_rollout, bool(t.rollouts_path), t.exact is not None)
-    except ValueError as e:
-        raise ConfigError(f"task.engine / task.exact: {e}") from None
-    try:
-        check_engine_args(name, t.engine_args)
+        return task_engine(t, job.plan.exact_rollout, bool(t.rollouts_path))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return name, exact
 
 
 def mismatch_settings(t) -> MismatchSettings:
