@@ -74,13 +74,18 @@ class Generation:
             raise ValueError(f"the rollout routed {full.shape[2]} MoE layers; the model has {len(moe_layers)}")
         return {layer: full[:, :, i].long().contiguous() for i, layer in enumerate(moe_layers)}
 
-    def real_tokens(self) -> torch.Tensor:
-        """[B, width] bool over the buffer (prompts left-padded, generated tokens after them): the prompt's tokens
-        and the generated ones, up to and including the stop token; False at padding."""
+    def buffer(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffer [B, width] (prompts left-padded, generated tokens after them): its ids, and which positions
+        hold a real token (the prompt's and the generated ones, up to and including the stop token)."""
         N, longest = self.tokens.shape[1], self.first
-        _, real = left_padded(self.prompts, self.width, 0, self.tokens.device)
+        ids, real = left_padded(self.prompts, self.width, pad_id, self.tokens.device)
+        ids[:, longest : longest + N] = self.tokens
         real[:, longest : longest + N] = self.mask
-        return real
+        return ids, real
+
+    def real_tokens(self) -> torch.Tensor:
+        """[B, width] bool: the buffer's real tokens (:meth:`buffer`), False at padding."""
+        return self.buffer()[1]
 
     @property
     def mask(self) -> torch.Tensor:
@@ -190,12 +195,9 @@ def positions_and_mask(real: torch.Tensor, q_len: int) -> tuple[torch.Tensor, to
 def rollout_layout(gen: Generation, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The rollout's buffer as one trainer forward sees it: ids [B, width] (prompts left-padded, generated tokens
     after them), RoPE positions, the attention mask, and the index of the first generated slot."""
-    N = gen.tokens.shape[1]
-    longest = max(len(p) for p in gen.prompts)
-    ids, _ = left_padded(gen.prompts, gen.width, pad_id, gen.tokens.device)
-    ids[:, longest : longest + N] = gen.tokens
-    positions, mask = positions_and_mask(gen.real_tokens(), gen.width)
-    return ids, positions, mask, longest
+    ids, real = gen.buffer(pad_id)
+    positions, mask = positions_and_mask(real, gen.width)
+    return ids, positions, mask, gen.first
 
 
 def recompute(model: MoECausalLM, gen: Generation, pad_id: int = 0, *, trace: RoutingTrace | None = None,

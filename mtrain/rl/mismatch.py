@@ -71,7 +71,8 @@ def mismatch_metrics(
     p_r, p_t = r.exp(), t.exp()
     log_ratio = t - r  # log(trainer / rollout), tokens sampled from the rollout policy
     if rollout_routing.shape[-2] != trainer_routing.shape[-2]:  # the engine gave no routing: not known
-        differs = torch.full((B, N, trainer_routing.shape[-2]), float("nan"), dtype=torch.float64)
+        differs = torch.full((B, N, trainer_routing.shape[-2]), float("nan"), dtype=torch.float64,
+                             device=trainer_routing.device)
     else:
         differs = layers_differ(rollout_routing, trainer_routing).double()  # [B, N, L]
     layers = differs.shape[-1]
